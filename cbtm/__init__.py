@@ -1,0 +1,12 @@
+"""cbtm: Cluster-Branch-Train-Merge.
+
+Cluster a corpus without metadata (tf-idf -> SVD -> balanced k-means), train one expert language
+model per cluster, and merge the experts at inference as a sparse ensemble.
+"""
+
+__version__ = "0.1.0"
+
+from . import ops
+from .kmeans import BalancedKMeans
+
+__all__ = ["BalancedKMeans", "ops", "__version__"]

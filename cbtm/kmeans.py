@@ -1,0 +1,400 @@
+"""Balanced k-means: Lloyd iterations whose assignment step is an exact capacity-constrained
+assignment (``cbtm.ops.balanced_assign``), as a scikit-learn style estimator."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from . import ops
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+_FORMAT = "cbtm.BalancedKMeans/1"
+
+
+def _is_torch(a) -> bool:
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
+def _is_chunk_source(X) -> bool:
+    """True for an iterable of arrays (chunks), False for one array."""
+    if isinstance(X, np.ndarray) or _is_torch(X):
+        return False
+    if isinstance(X, (list, tuple)):
+        return len(X) > 0 and (isinstance(X[0], np.ndarray) or _is_torch(X[0]))
+    return isinstance(X, Iterable)
+
+
+class BalancedKMeans:
+    """K-means with clusters of (at most) equal size, the clustering step of C-BTM.
+
+    Parameters
+    ----------
+    n_clusters: number of clusters K.
+    balanced: exact balanced assignment (every cluster at most ceil(N / K) points) in each
+        iteration; False gives plain Lloyd k-means.
+    max_iter: Lloyd iterations (epochs over the chunks for a re-iterable chunk source).
+    tol: stop when the squared centre shift is at most ``tol`` times the mean feature variance.
+    init: "k-means++" or "random" (or an array (K, D) of initial centres).
+    seed: random seed of the initialisation.
+    device: "cpu" or a CUDA device ("cuda", "cuda:1"); data is moved there for the kernels.
+
+    Attributes (after fit): ``cluster_centers_`` float32 (K, D), ``prices_`` float32 (K,) the dual
+    prices of the last balanced assignment (``predict(X, balanced=True)`` uses them),
+    ``labels_`` (N,), ``inertia_`` (sum of squared distances), ``n_iter_``,
+    ``inertia_history_`` (objective of each iteration's assignment; it never increases),
+    ``counts_`` (points per cluster accumulated by partial_fit), ``n_features_in_``.
+    """
+
+    def __init__(self, n_clusters: int, balanced: bool = True, max_iter: int = 20, tol: float = 1e-4,
+                 init="k-means++", seed: int = 0, device: str = "cpu"):
+        if int(n_clusters) != n_clusters or n_clusters < 1:
+            raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}")
+        if int(max_iter) != max_iter or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        if tol < 0:
+            raise ValueError(f"tol must be >= 0, got {tol}")
+        if isinstance(init, str) and init not in ("k-means++", "random"):
+            raise ValueError(f"init must be 'k-means++', 'random' or an array, got {init!r}")
+        self.n_clusters = int(n_clusters)
+        self.balanced = bool(balanced)
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.init = init
+        self.seed = int(seed)
+        self.device = str(device)
+
+    # ---------------------------------------------------------------------------------------
+    # data handling
+
+    def _prepare(self, X):
+        """X on the estimator's device, in a dtype the kernels take; (N, D) checked."""
+        if _is_torch(X):
+            X = X.detach()
+            if X.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                X = X.float()
+            if str(X.device) != self.device and not (self.device == "cuda" and X.is_cuda):
+                X = X.to(self.device)
+        else:
+            X = np.asarray(X)
+            if X.dtype not in (np.float32, np.float16):
+                X = X.astype(np.float32)
+            if self.device != "cpu":
+                if torch is None:
+                    raise RuntimeError("device other than 'cpu' needs torch")
+                X = torch.from_numpy(np.ascontiguousarray(X)).to(self.device)
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}")
+        if X.shape[0] == 0:
+            raise ValueError("X is empty")
+        if hasattr(self, "n_features_in_") and X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, the model was fitted with {self.n_features_in_}")
+        return X
+
+    def _centers_like(self, X):
+        c = self.cluster_centers_
+        return torch.from_numpy(c).to(X.device) if _is_torch(X) else c
+
+    def _check_fitted(self):
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError("this BalancedKMeans is not fitted yet: call fit() or partial_fit() first")
+
+    # ---------------------------------------------------------------------------------------
+    # initialisation
+
+    def _init_centers(self, X, rng: np.random.Generator) -> np.ndarray:
+        """(K, D) float32 initial centres: k-means++ (greedy, 2 + log K trials per centre)."""
+        k = self.n_clusters
+        n = X.shape[0]
+        if k > n:
+            raise ValueError(f"n_clusters={k} is larger than the number of points ({n})")
+        if not isinstance(self.init, str):
+            c = np.asarray(self.init, dtype=np.float32)
+            if c.shape != (k, X.shape[1]):
+                raise ValueError(f"init array must have shape ({k}, {X.shape[1]}), got {c.shape}")
+            return c.copy()
+        Xn = ops.to_numpy(X).astype(np.float32, copy=False)
+        if not np.isfinite(Xn).all():
+            raise ValueError("X contains NaN or Inf")
+        if self.init == "random":
+            return Xn[rng.choice(n, k, replace=False)].copy()
+        trials = 2 + int(math.log(k))
+        centers = np.empty((k, Xn.shape[1]), np.float32)
+        centers[0] = Xn[rng.integers(n)]
+        closest = ops.pairwise_sqdist(Xn, centers[:1])[:, 0].astype(np.float64)  # (N,)
+        for c in range(1, k):
+            total = closest.sum()
+            if total <= 0:  # every point coincides with a centre: any distinct pick will do
+                cand = rng.choice(n, trials)
+            else:
+                cand = np.searchsorted(np.cumsum(closest), rng.random(trials) * total)
+                cand = np.minimum(cand, n - 1)
+            d = ops.pairwise_sqdist(Xn, Xn[cand]).astype(np.float64)  # (N, trials)
+            pot = np.minimum(closest[:, None], d).sum(0)
+            best = int(np.argmin(pot))
+            centers[c] = Xn[cand[best]]
+            closest = np.minimum(closest, d[:, best])
+        return centers
+
+    # ---------------------------------------------------------------------------------------
+    # assignment and update
+
+    def _assign(self, X, centers, prices):
+        """labels of X under centers: exact balanced (capacity ceil(N/K)) or nearest centre."""
+        if self.balanced:
+            return ops.balanced_assign(X, centers, prices=prices)
+        labels, _ = ops.assign(X, centers)
+        return labels, prices
+
+    @staticmethod
+    def _sq_norm_sum(X) -> float:
+        if _is_torch(X):
+            return float((X.double() ** 2).sum())
+        x64 = X.astype(np.float64)
+        return float(np.einsum("nd,nd->", x64, x64))
+
+    def _update(self, X, labels, centers: np.ndarray):
+        """(sums (K, D), counts (K,), cost of labels under centers) as float64 numpy."""
+        sums, counts = ops.centroid_update(X, labels, self.n_clusters)
+        sums, counts = ops.to_numpy(sums), ops.to_numpy(counts)
+        c64 = centers.astype(np.float64)
+        cost = -2.0 * float((c64 * sums).sum()) + float((counts * (c64 ** 2).sum(1)).sum())
+        return sums, counts, cost
+
+    def _relocate_empty(self, X, labels, centers, new, counts):
+        """Empty clusters move to the points farthest from their centres (the objective of the
+        current assignment is unchanged, so it still never increases)."""
+        empty = np.flatnonzero(counts == 0)
+        if len(empty) == 0:
+            return new
+        Xn = ops.to_numpy(X).astype(np.float32)
+        far = ((Xn - centers[ops.to_numpy(labels)]) ** 2).sum(1)
+        new[empty] = Xn[np.argsort(-far, kind="stable")[: len(empty)]]
+        return new
+
+    # ---------------------------------------------------------------------------------------
+    # public API
+
+    def fit(self, X, y=None):
+        """Fit on one array (N, D), or on an iterable of chunks streamed from disk.
+
+        Chunks: a re-iterable source (a list, or an object whose __iter__ starts over) runs
+        ``max_iter`` exact Lloyd epochs whose centre sums accumulate over all chunks, with the
+        balance enforced per chunk; a one-shot iterator is consumed once through partial_fit.
+        """
+        if _is_chunk_source(X):
+            return self._fit_chunks(X)
+        X = self._prepare(X)
+        n = X.shape[0]
+        if self.n_clusters > n:
+            raise ValueError(f"n_clusters={self.n_clusters} is larger than the number of points ({n})")
+        rng = np.random.default_rng(self.seed)
+        centers = self._init_centers(X, rng)
+        self.n_features_in_ = X.shape[1]
+        sq = self._sq_norm_sum(X)
+        Xn_var = ops.to_numpy(X.float().var(0) if _is_torch(X) else X.astype(np.float64).var(0))
+        tol = self.tol * float(np.mean(Xn_var))
+        prices, history = None, []
+        for it in range(self.max_iter):
+            c_dev = torch.from_numpy(centers).to(X.device) if _is_torch(X) else centers
+            labels, prices = self._assign(X, c_dev, prices)
+            sums, counts, cost = self._update(X, labels, centers)
+            history.append(sq + cost)
+            new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers).astype(np.float32)
+            new = self._relocate_empty(X, labels, centers, new, counts)
+            shift = float(((new.astype(np.float64) - centers) ** 2).sum())
+            centers = new
+            if shift <= tol:
+                break
+        self.cluster_centers_ = centers
+        c_dev = self._centers_like(X)
+        labels, prices = self._assign(X, c_dev, prices)
+        _, counts, cost = self._update(X, labels, centers)
+        self.labels_ = labels
+        self.prices_ = np.zeros(self.n_clusters, np.float32) if prices is None else ops.to_numpy(prices).astype(np.float32)
+        self.inertia_ = max(sq + cost, 0.0)
+        self.inertia_history_ = history
+        self.n_iter_ = it + 1
+        self.counts_ = counts.astype(np.int64)
+        return self
+
+    def _fit_chunks(self, source):
+        one_shot = iter(source) is source
+        if one_shot:
+            for chunk in source:
+                self.partial_fit(chunk)
+            self._check_fitted()
+            self.n_iter_ = 1
+            return self
+        first = self._prepare(next(iter(source)))
+        self.n_features_in_ = first.shape[1]
+        centers = self._init_centers(first, np.random.default_rng(self.seed))
+        prices, history, tol = None, [], None
+        for it in range(self.max_iter):
+            sums = np.zeros((self.n_clusters, self.n_features_in_))
+            counts = np.zeros(self.n_clusters, np.int64)
+            total, sq_cols = 0.0, np.zeros(self.n_features_in_)
+            for chunk in source:
+                X = self._prepare(chunk)
+                c_dev = torch.from_numpy(centers).to(X.device) if _is_torch(X) else centers
+                labels, prices = self._assign_chunk(X, c_dev, prices)
+                s, c, cost = self._update(X, labels, centers)
+                sums += s
+                counts += c
+                total += self._sq_norm_sum(X) + cost
+                if tol is None:
+                    sq_cols += (ops.to_numpy(X).astype(np.float64) ** 2).sum(0)
+            if tol is None:  # tol relative to the mean feature variance, measured in the first epoch
+                n = counts.sum()
+                mean = sums.sum(0) / n
+                tol = self.tol * float(np.mean(sq_cols / n - mean ** 2))
+            history.append(total)
+            new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers).astype(np.float32)
+            shift = float(((new.astype(np.float64) - centers) ** 2).sum())
+            centers = new
+            if shift <= tol:
+                break
+        self.cluster_centers_ = centers
+        self.prices_ = np.zeros(self.n_clusters, np.float32) if prices is None else ops.to_numpy(prices).astype(np.float32)
+        self.inertia_ = history[-1]
+        self.inertia_history_ = history
+        self.n_iter_ = it + 1
+        self.counts_ = counts
+        return self
+
+    def _assign_chunk(self, X, centers, prices):
+        """Assignment of one chunk: balanced within the chunk when it has at least K points."""
+        if self.balanced and X.shape[0] >= self.n_clusters:
+            return ops.balanced_assign(X, centers, prices=prices)
+        labels, _ = ops.assign(X, centers)
+        return labels, prices
+
+    def partial_fit(self, X, y=None):
+        """Update the centres with one chunk: its points are assigned (balanced within the chunk),
+        and every centre becomes the mean of all points ever assigned to it (sums accumulate)."""
+        X = self._prepare(X)
+        if not hasattr(self, "cluster_centers_"):
+            if self.n_clusters > X.shape[0]:
+                raise ValueError(f"the first chunk needs at least n_clusters={self.n_clusters} points, got {X.shape[0]}")
+            self.n_features_in_ = X.shape[1]
+            self.cluster_centers_ = self._init_centers(X, np.random.default_rng(self.seed))
+            self._sums = np.zeros((self.n_clusters, X.shape[1]))
+            self.counts_ = np.zeros(self.n_clusters, np.int64)
+            self.prices_ = np.zeros(self.n_clusters, np.float32)
+            self.inertia_ = 0.0
+            self.inertia_history_ = []
+        elif not hasattr(self, "_sums"):  # fitted by fit() or loaded: continue from its counts
+            self._sums = self.cluster_centers_.astype(np.float64) * self.counts_[:, None]
+        labels, prices = self._assign_chunk(X, self._centers_like(X), self.prices_)
+        s, c, cost = self._update(X, labels, self.cluster_centers_)
+        self.inertia_history_.append(self._sq_norm_sum(X) + cost)
+        self.inertia_ = float(sum(self.inertia_history_))
+        self._sums += s
+        self.counts_ = self.counts_ + c
+        seen = self.counts_ > 0
+        self.cluster_centers_ = self.cluster_centers_.copy()
+        self.cluster_centers_[seen] = (self._sums[seen] / self.counts_[seen, None]).astype(np.float32)
+        self.prices_ = ops.to_numpy(prices).astype(np.float32)
+        self.n_iter_ = len(self.inertia_history_)
+        return self
+
+    def predict(self, X, balanced: bool = False):
+        """Cluster of every point: nearest centre, or with ``balanced=True`` the nearest centre
+        after adding the stored prices (one pass; keeps sizes near N/K on similar data)."""
+        self._check_fitted()
+        X = self._prepare(X)
+        labels, _ = ops.assign(X, self._centers_like(X), bias=self.prices_ if balanced else None)
+        return labels
+
+    def fit_predict(self, X, y=None):
+        return self.fit(X).labels_
+
+    def transform(self, X):
+        """Squared distances to every centre: float32 (N, K)."""
+        self._check_fitted()
+        X = self._prepare(X)
+        return ops.pairwise_sqdist(X, self._centers_like(X))
+
+    def score(self, X) -> float:
+        """Opposite of the nearest-centre objective on X (scikit-learn convention)."""
+        self._check_fitted()
+        X = self._prepare(X)
+        _, d = ops.assign(X, self._centers_like(X))
+        return -float(ops.to_numpy(d).astype(np.float64).sum())
+
+    # ---------------------------------------------------------------------------------------
+    # persistence: safetensors + JSON, never pickle
+
+    def save(self, path) -> Path:
+        """Write ``path/kmeans.safetensors`` (centres, prices, counts) and ``path/kmeans.json``."""
+        from safetensors.numpy import save_file
+
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "cluster_centers": np.ascontiguousarray(self.cluster_centers_, np.float32),
+            "prices": np.ascontiguousarray(self.prices_, np.float32),
+            "counts": np.ascontiguousarray(self.counts_, np.int64),
+        }
+        meta = {
+            "format": _FORMAT,
+            "params": {"n_clusters": self.n_clusters, "balanced": self.balanced, "max_iter": self.max_iter,
+                       "tol": self.tol, "init": self.init if isinstance(self.init, str) else "array",
+                       "seed": self.seed},
+            "n_features_in": int(self.n_features_in_),
+            "inertia": float(self.inertia_),
+            "n_iter": int(self.n_iter_),
+            "inertia_history": [float(v) for v in self.inertia_history_],
+        }
+        _atomic_write(path / "kmeans.safetensors", lambda p: save_file(tensors, str(p)))
+        _atomic_write(path / "kmeans.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        return path
+
+    @classmethod
+    def load(cls, path, device: str = "cpu") -> "BalancedKMeans":
+        """Read a model written by save()."""
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        for name in ("kmeans.json", "kmeans.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found (expected a directory written by BalancedKMeans.save)")
+        meta = json.loads((path / "kmeans.json").read_text())
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path / 'kmeans.json'}: not a {_FORMAT} file (format={meta.get('format')!r})")
+        params = dict(meta["params"])
+        if params.get("init") == "array":
+            params["init"] = "k-means++"
+        model = cls(device=device, **params)
+        t = load_file(str(path / "kmeans.safetensors"))
+        model.cluster_centers_ = t["cluster_centers"]
+        model.prices_ = t["prices"]
+        model.counts_ = t["counts"]
+        model.n_features_in_ = int(meta["n_features_in"])
+        model.inertia_ = float(meta["inertia"])
+        model.n_iter_ = int(meta["n_iter"])
+        model.inertia_history_ = list(meta["inertia_history"])
+        if model.cluster_centers_.shape != (model.n_clusters, model.n_features_in_):
+            raise ValueError(f"{path}: cluster_centers has shape {model.cluster_centers_.shape}, "
+                             f"expected ({model.n_clusters}, {model.n_features_in_})")
+        return model
+
+    def __repr__(self) -> str:
+        return (f"BalancedKMeans(n_clusters={self.n_clusters}, balanced={self.balanced}, max_iter={self.max_iter}, "
+                f"tol={self.tol}, seed={self.seed}, device={self.device!r})")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over path: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)

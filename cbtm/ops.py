@@ -1,0 +1,328 @@
+"""The one dispatch layer between Python and the compiled kernels.
+
+Every op accepts numpy arrays or torch tensors (CPU or CUDA) of float32, float16 or bfloat16,
+validates them, allocates the outputs in the same framework and on the same device, and calls
+``cbtm._C`` (CPU, OpenMP) or ``cbtm._cuda`` (CUDA tensors). Arrays cross into C++ through DLPack.
+Each op has a plain reference implementation ``<op>_ref`` beside it (float64 NumPy / PyTorch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+try:
+    import torch
+except ImportError:  # torch is a dependency, but the CPU ops only need numpy
+    torch = None
+
+__all__ = [
+    "assign",
+    "assign_ref",
+    "balanced_assign",
+    "balanced_assign_ref",
+    "centroid_update",
+    "centroid_update_ref",
+    "pairwise_sqdist",
+    "pairwise_sqdist_ref",
+    "cuda_available",
+    "last_solve_stats",
+    "total_cost",
+]
+
+_NUMPY_FLOATS = (np.float32, np.float16)
+_last_stats: dict = {}
+
+
+def _cpu_module():
+    try:
+        from . import _C
+    except ImportError as e:
+        raise ImportError(
+            "cbtm._C (the compiled CPU kernels) is missing: install the package with "
+            "`pip install .` (or `pip install -e .`) from the repository root so CMake builds it"
+        ) from e
+    return _C
+
+
+def _cuda_module():
+    try:
+        from . import _cuda
+    except ImportError as e:
+        raise RuntimeError(
+            "cbtm was built without CUDA kernels (cbtm._cuda is missing): reinstall on a machine "
+            "with nvcc, e.g. `CBTM_CUDA=1 pip install --no-build-isolation .`, or move the "
+            "tensors to the CPU"
+        ) from e
+    return _cuda
+
+
+def cuda_available() -> bool:
+    """True when cbtm._cuda is built and sees a usable CUDA device."""
+    try:
+        return bool(_cuda_module().device_count() > 0)
+    except RuntimeError:
+        return False
+
+
+def last_solve_stats() -> dict:
+    """Statistics of the last balanced_assign call: effective passes over the data (distance rows
+    computed / N), price rounds, shortest-path augmentations, largest candidate cache."""
+    return dict(_last_stats)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _is_torch(a) -> bool:
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
+def _check_float_matrix(a, name: str):
+    """Returns the array (torch tensors detached); raises a clear error on anything unusable."""
+    if _is_torch(a):
+        if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {a.dtype}")
+        a = a.detach()
+        if a.is_cuda and a.ndim == 2 and a.shape[1] > 1 and a.stride(1) != 1:
+            a = a.contiguous()  # the CUDA kernels take any row stride but unit column stride
+    elif isinstance(a, np.ndarray):
+        if a.dtype not in _NUMPY_FLOATS:
+            raise TypeError(
+                f"{name}: dtype must be float32 or float16 (numpy; bfloat16 via torch), got {a.dtype}"
+                + (" (convert with .astype(np.float32))" if a.dtype == np.float64 else "")
+            )
+    else:
+        raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(a).__name__}")
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got shape {tuple(a.shape)}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{name}: is empty (shape {tuple(a.shape)})")
+    if a.shape[1] == 0:
+        raise ValueError(f"{name}: has zero columns")
+    return a
+
+
+def _all_finite(a) -> bool:
+    if _is_torch(a):
+        return bool(torch.isfinite(a).all())
+    return bool(np.isfinite(a).all())
+
+
+def _check_pair(x, centers):
+    x = _check_float_matrix(x, "x")
+    centers = _check_float_matrix(centers, "centers")
+    if _is_torch(x) != _is_torch(centers):
+        raise TypeError("x and centers must both be numpy arrays or both be torch tensors")
+    if _is_torch(x) and x.device != centers.device:
+        raise ValueError(f"x is on {x.device} but centers is on {centers.device}")
+    if x.shape[1] != centers.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} columns but centers has {centers.shape[1]}")
+    if not _all_finite(centers):
+        raise ValueError("centers contains NaN or Inf")
+    return x, centers
+
+
+def _on_cuda(a) -> bool:
+    return _is_torch(a) and a.is_cuda
+
+
+def _empty(like, shape, kind: str):
+    """Output array in like's framework and device; kind in {'f32', 'f64', 'i64'}."""
+    if _is_torch(like):
+        dt = {"f32": torch.float32, "f64": torch.float64, "i64": torch.int64}[kind]
+        return torch.empty(shape, dtype=dt, device=like.device)
+    return np.empty(shape, dtype={"f32": np.float32, "f64": np.float64, "i64": np.int64}[kind])
+
+
+def _zeros(like, shape, kind: str):
+    out = _empty(like, shape, kind)
+    out[...] = 0
+    return out
+
+
+def _vector(v, like, k: int, name: str):
+    """A length-k float32 vector in like's framework/device (a fresh copy)."""
+    if _is_torch(v):
+        v = v.detach().to(dtype=torch.float32).cpu().numpy()
+    v = np.array(v, dtype=np.float32).reshape(-1)
+    if v.shape != (k,):
+        raise ValueError(f"{name}: expected shape ({k},), got {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"{name}: contains NaN or Inf")
+    if _is_torch(like):
+        return torch.from_numpy(v).to(like.device)
+    return v
+
+
+def _call(x, fn_name: str, *args):
+    if _on_cuda(x):
+        mod = _cuda_module()
+        with torch.cuda.device(x.device):
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+            return getattr(mod, fn_name)(*args, stream)
+    return getattr(_cpu_module(), fn_name)(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# ops
+
+
+def assign(x, centers, bias=None):
+    """Nearest centre of every point, fused (no N x K matrix).
+
+    x: (N, D), centers: (K, D), bias: optional (K,) added to the squared distances before the
+    argmin (balanced prediction passes the cluster prices here).
+    Returns labels: int64 (N,), sqdist: float32 (N,) squared distance to the chosen centre.
+    """
+    x, centers = _check_pair(x, centers)
+    n, k = x.shape[0], centers.shape[0]
+    b = None if bias is None else _vector(bias, x, k, "bias")
+    labels, sqdist = _empty(x, (n,), "i64"), _empty(x, (n,), "f32")
+    _call(x, "assign", x, centers, b, labels, sqdist)
+    return labels, sqdist
+
+
+def _sqdist_f64(x, centers):
+    """Exact pairwise squared distances in float64: (N, K)."""
+    if _is_torch(x):
+        xd, cd = x.detach().double(), centers.detach().double()
+        return ((xd[:, None, :] - cd[None, :, :]) ** 2).sum(-1)
+    xd, cd = np.asarray(x, np.float64), np.asarray(centers, np.float64)
+    return ((xd[:, None, :] - cd[None, :, :]) ** 2).sum(-1)
+
+
+def assign_ref(x, centers, bias=None):
+    """Reference for assign: float64 distances, argmin (first index on ties)."""
+    d = _sqdist_f64(x, centers)
+    if _is_torch(d):
+        score = d + (0 if bias is None else torch.as_tensor(bias, dtype=torch.float64, device=d.device))
+        labels = torch.argmin(score, dim=1)
+        return labels, d.gather(1, labels[:, None])[:, 0].float()
+    score = d + (0 if bias is None else np.asarray(bias, np.float64))
+    labels = np.argmin(score, axis=1)
+    return labels.astype(np.int64), d[np.arange(len(d)), labels].astype(np.float32)
+
+
+def pairwise_sqdist(x, centers):
+    """Squared Euclidean distances of every point to every centre: float32 (N, K)."""
+    x, centers = _check_pair(x, centers)
+    out = _empty(x, (x.shape[0], centers.shape[0]), "f32")
+    _call(x, "pairwise_sqdist", x, centers, out)
+    return out
+
+
+def pairwise_sqdist_ref(x, centers):
+    """Reference for pairwise_sqdist (float64, returned as float32)."""
+    d = _sqdist_f64(x, centers)
+    return d.float() if _is_torch(d) else d.astype(np.float32)
+
+
+def _check_labels(labels, x, k: int):
+    if _is_torch(x):
+        if not _is_torch(labels) or labels.device != x.device:
+            raise TypeError(f"labels must be a torch tensor on {x.device}")
+        labels = labels.detach().to(torch.int64).contiguous()
+    else:
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if tuple(labels.shape) != (x.shape[0],):
+        raise ValueError(f"labels: expected shape ({x.shape[0]},), got {tuple(labels.shape)}")
+    if labels.shape[0] and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"labels must lie in [0, {k})")
+    return labels
+
+
+def centroid_update(x, labels, n_clusters: int):
+    """Per-cluster sums and counts, the k-means M-step.
+
+    Returns sums: float64 (K, D) and counts: int64 (K,); centres are sums / counts. Sums are
+    float64 so chunks of a streamed corpus can be accumulated without loss.
+    """
+    x = _check_float_matrix(x, "x")
+    if int(n_clusters) < 1:
+        raise ValueError("n_clusters must be at least 1")
+    k = int(n_clusters)
+    labels = _check_labels(labels, x, k)
+    sums, counts = _zeros(x, (k, x.shape[1]), "f64"), _zeros(x, (k,), "i64")
+    _call(x, "centroid_update", x, labels, sums, counts)
+    return sums, counts
+
+
+def centroid_update_ref(x, labels, n_clusters: int):
+    """Reference for centroid_update."""
+    if _is_torch(x):
+        xd = x.detach().double()
+        sums = torch.zeros(n_clusters, x.shape[1], dtype=torch.float64, device=x.device)
+        sums.index_add_(0, labels.long(), xd)
+        return sums, torch.bincount(labels.long(), minlength=n_clusters)
+    xd = np.asarray(x, np.float64)
+    sums = np.zeros((n_clusters, x.shape[1]))
+    np.add.at(sums, np.asarray(labels), xd)
+    return sums, np.bincount(np.asarray(labels), minlength=n_clusters).astype(np.int64)
+
+
+def _capacity(n: int, k: int, capacity) -> int:
+    if k > n:
+        raise ValueError(f"more clusters than points: K={k} > N={n}")
+    if capacity is None:
+        return -(-n // k)
+    cap = int(capacity)
+    if cap != capacity or cap < 1:
+        raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+    if cap * k < n:
+        raise ValueError(f"capacity {cap} x K={k} clusters cannot hold N={n} points (need >= {math.ceil(n / k)})")
+    return cap
+
+
+def balanced_assign(x, centers, capacity=None, prices=None):
+    """Exact capacity-constrained assignment of minimum total squared distance.
+
+    No cluster receives more than ``capacity`` points (default ceil(N / K)). The result is an
+    optimum of the transportation problem (up to float ties), found by a dual price method.
+    Returns labels: int64 (N,) and prices: float32 (K,), the dual variables: every point sits at
+    argmin_k (d_ik + prices_k), so ``assign(x, centers, bias=prices)`` reproduces the labels (up
+    to ties) and keeps new data balanced. Passing ``prices`` from an earlier solve warm-starts.
+    """
+    global _last_stats
+    x, centers = _check_pair(x, centers)
+    n, k = x.shape[0], centers.shape[0]
+    cap = _capacity(n, k, capacity)
+    p = _vector(np.zeros(k, np.float32) if prices is None else prices, x, k, "prices")
+    labels = _empty(x, (n,), "i64")
+    _last_stats = dict(_call(x, "balanced_assign", x, centers, cap, p, prices is not None, labels))
+    return labels, p
+
+
+def balanced_assign_ref(x, centers, capacity=None):
+    """Reference for balanced_assign: scipy's linear_sum_assignment on the cost matrix expanded
+    to ``capacity`` slots per cluster (exact; O(N * K * capacity) memory, small inputs only).
+    Returns labels int64 (N,) and the optimal total cost (float64)."""
+    from scipy.optimize import linear_sum_assignment
+
+    d = _sqdist_f64(x, centers)
+    d = d.cpu().numpy() if _is_torch(d) else d
+    n, k = d.shape
+    cap = _capacity(n, k, capacity)
+    rows, cols = linear_sum_assignment(np.repeat(d, cap, axis=1))
+    labels = np.empty(n, np.int64)
+    labels[rows] = cols // cap
+    return labels, float(d[rows, labels[rows]].sum())
+
+
+def total_cost(x, centers, labels) -> float:
+    """Sum of squared distances of the points to their assigned centres (float64)."""
+    if _is_torch(x):
+        diff = x.detach().double() - centers.detach().double()[labels.long()]
+        return float((diff * diff).sum())
+    diff = np.asarray(x, np.float64) - np.asarray(centers, np.float64)[np.asarray(labels)]
+    return float(np.einsum("nd,nd->", diff, diff))
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """numpy view/copy of a numpy array or torch tensor (any device)."""
+    if _is_torch(a):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)

@@ -1,0 +1,1 @@
+"""Triton kernels of cbtm (installed as cbtm.kernels)."""
