@@ -7,6 +7,7 @@ model per cluster, and merge the experts at inference as a sparse ensemble.
 __version__ = "0.1.0"
 
 from . import ops
+from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
 
-__all__ = ["BalancedKMeans", "ops", "__version__"]
+__all__ = ["BalancedKMeans", "TfidfEmbedder", "ops", "__version__"]

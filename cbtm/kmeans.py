@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
+from .rundir import atomic_save_safetensors, atomic_write_json
 
 try:
     import torch
@@ -335,8 +336,6 @@ class BalancedKMeans:
 
     def save(self, path) -> Path:
         """Write ``path/kmeans.safetensors`` (centres, prices, counts) and ``path/kmeans.json``."""
-        from safetensors.numpy import save_file
-
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -355,8 +354,8 @@ class BalancedKMeans:
             "n_iter": int(self.n_iter_),
             "inertia_history": [float(v) for v in self.inertia_history_],
         }
-        _atomic_write(path / "kmeans.safetensors", lambda p: save_file(tensors, str(p)))
-        _atomic_write(path / "kmeans.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        atomic_save_safetensors(path / "kmeans.safetensors", tensors)
+        atomic_write_json(path / "kmeans.json", meta)
         return path
 
     @classmethod
@@ -392,9 +391,3 @@ class BalancedKMeans:
         return (f"BalancedKMeans(n_clusters={self.n_clusters}, balanced={self.balanced}, max_iter={self.max_iter}, "
                 f"tol={self.tol}, seed={self.seed}, device={self.device!r})")
 
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over path: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)

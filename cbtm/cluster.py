@@ -1,0 +1,359 @@
+"""Cluster a corpus: fit the router (tf-idf -> SVD -> balanced k-means) on a sample of the training
+split, then assign every document of every shard, in parallel (processes or Ray), resumably.
+
+Outputs in the run directory:
+  router/embedder.{safetensors,json}, router/kmeans.{safetensors,json}
+  assignments/<shard>.jsonl           one line per document: id, cluster, split (and label)
+  assignments/<shard>.json            done-marker of the shard (written last, atomically)
+  assignments/clusters/cluster_XXX/<shard>.jsonl   the documents themselves (--write-docs)
+  reports/cluster_report.{md,json}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import ops
+from .corpus import CorpusReport, default_corpus_path, fingerprint, list_shards, read_documents, split_of
+from .embed import TfidfEmbedder
+from .kmeans import BalancedKMeans
+from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+
+_BATCH = 4096  # documents embedded and assigned at once
+
+
+def _corpus_paths(corpus) -> list[str]:
+    if corpus is None:
+        return [str(default_corpus_path())]
+    paths = corpus if isinstance(corpus, (list, tuple)) else [corpus]
+    return [str(p) for p in paths]
+
+
+def load_router(run: str | Path | RunDir) -> tuple[TfidfEmbedder, BalancedKMeans]:
+    """The embedder and the balanced k-means model of a run directory."""
+    router = (run if isinstance(run, RunDir) else RunDir(run)).router
+    if not (router / "kmeans.json").is_file():
+        raise FileNotFoundError(f"{router} holds no fitted router: run `cbtm cluster fit` first")
+    return TfidfEmbedder.load(router), BalancedKMeans.load(router)
+
+
+def _router_fingerprint(run: RunDir) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for name in ("embedder.safetensors", "kmeans.safetensors"):
+        h.update((run.router / name).read_bytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# fit
+
+
+def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = 200_000, n_components: int = 100,
+        seed: int = 0, balanced: bool = True, max_iter: int = 20, text_field: str = "text", id_field: str = "id",
+        valid_fraction: float = 0.05, progress: bool = True) -> dict:
+    """Fit the embedder and BalancedKMeans on up to ``sample`` training documents (reservoir
+    sample, seeded) and write them to ``out/router`` with the manifest. Returns a summary dict."""
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if sample < k:
+        raise ValueError(f"sample ({sample}) must be at least k ({k})")
+    t0 = time.perf_counter()
+    paths = _corpus_paths(corpus)
+    report = CorpusReport()
+    rng = random.Random(seed)
+    texts: list[str] = []
+    n_train = 0
+    docs = read_documents(paths, text_field=text_field, id_field=id_field, report=report)
+    for doc in tqdm(docs, desc="reading corpus", unit="doc", disable=not progress):
+        if split_of(doc.id, valid_fraction, seed) != "train":
+            continue
+        n_train += 1
+        if len(texts) < sample:
+            texts.append(doc.text)
+        else:
+            j = rng.randrange(n_train)
+            if j < sample:
+                texts[j] = doc.text
+    if len(texts) < k:
+        raise ValueError(f"only {len(texts)} training documents in {paths}, fewer than k={k}")
+    if progress:
+        print(f"fitting tf-idf + SVD({n_components}) on {len(texts)} documents ...", flush=True)
+    embedder = TfidfEmbedder(n_components=n_components, seed=seed).fit(texts)
+    x = embedder.transform(texts)  # (n, n_components)
+    if progress:
+        print(f"fitting {'balanced ' if balanced else ''}k-means, k={k} ...", flush=True)
+    km = BalancedKMeans(k, balanced=balanced, max_iter=max_iter, seed=seed).fit(x)
+    run = RunDir(out)
+    run.router.mkdir(parents=True, exist_ok=True)
+    embedder.save(run.router)
+    km.save(run.router)
+    sizes = np.bincount(np.asarray(km.labels_), minlength=k).tolist()
+    summary = {
+        "k": int(k), "balanced": bool(balanced), "seed": int(seed), "n_components": int(n_components),
+        "sample": len(texts), "train_documents": n_train, "valid_fraction": valid_fraction,
+        "text_field": text_field, "id_field": id_field, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
+        "sample_cluster_sizes": sizes, "skipped_lines": report.n_skipped, "seconds": round(time.perf_counter() - t0, 2),
+    }
+    run.update(cluster=summary, corpus={"paths": paths, "fingerprint": fingerprint(paths)},
+               router={"embedder": "router/embedder.json", "kmeans": "router/kmeans.json"})
+    if progress:
+        if report.n_skipped:
+            print(report.summary())
+        print(f"router fitted: k={k}, {len(texts)} sampled documents, sample sizes {min(sizes)}..{max(sizes)}, "
+              f"{summary['seconds']} s -> {run.router}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# assign
+
+
+def shard_key(path: str | Path) -> str:
+    """A file-system-safe name for a shard, unique per absolute path."""
+    path = Path(path).resolve()
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name)
+    return f"{stem}-{hashlib.blake2b(str(path).encode(), digest_size=4).hexdigest()}"
+
+
+def _shard_state(path: Path, router_fp: str, balanced: bool, write_docs: bool, label_field: str | None) -> dict:
+    st = path.stat()
+    from . import __version__
+
+    return {"cbtm": __version__, "shard": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "router": router_fp,
+            "balanced": balanced, "write_docs": write_docs, "label_field": label_field}
+
+
+def _assign_shard(run_path: str, shard: str, opts: dict) -> dict:
+    """Embed and assign every document of one shard; write its outputs atomically. Runs in a
+    worker process or a Ray task; identical output whatever runs it."""
+    run = RunDir(run_path)
+    embedder, km = load_router(run)
+    key = shard_key(shard)
+    out_dir = run.assignments
+    lines: list[str] = []
+    docs_out: dict[int, list[str]] = {}
+    counts = Counter()
+    report = CorpusReport()
+    docs, parts = [], []
+    batch: list = []
+    for doc in read_documents(shard, text_field=opts["text_field"], id_field=opts["id_field"], report=report):
+        batch.append(doc)
+        if len(batch) >= _BATCH:
+            parts.append(embedder.transform([d.text for d in batch]))  # (b, n_components)
+            docs += batch
+            batch = []
+    if batch:
+        parts.append(embedder.transform([d.text for d in batch]))
+        docs += batch
+    if not docs:
+        labels = []
+    elif opts["balanced"] and len(docs) >= km.n_clusters:
+        # exact balanced assignment of the shard (capacity ceil(n / K)), warm-started from the
+        # router's prices: close to a one-pass argmin(d + prices), and never over capacity
+        labels, _ = ops.balanced_assign(np.concatenate(parts), km.cluster_centers_, prices=km.prices_)
+    else:
+        labels = km.predict(np.concatenate(parts), balanced=opts["balanced"])
+    for d, c in zip(docs, np.asarray(labels).tolist()):
+        split = split_of(d.id, opts["valid_fraction"], opts["seed"])
+        rec = {"id": d.id, "cluster": c, "split": split}
+        if opts["label_field"]:
+            rec["label"] = d.meta.get(opts["label_field"])
+        lines.append(json.dumps(rec, ensure_ascii=False))
+        counts[(c, split)] += 1
+        if opts["write_docs"]:
+            doc = {"id": d.id, "text": d.text, "split": split, **d.meta}
+            docs_out.setdefault(c, []).append(json.dumps(doc, ensure_ascii=False))
+    for c, rows in docs_out.items():
+        atomic_write_text(out_dir / "clusters" / f"cluster_{c:03d}" / f"{key}.jsonl", "\n".join(rows) + "\n")
+    atomic_write_text(out_dir / f"{key}.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+    marker = {**opts["state"], "key": key, "documents": len(lines), "skipped_lines": report.n_skipped,
+              "skip_examples": report.examples[:20],
+              "sizes": {f"{c}:{s}": n for (c, s), n in sorted(counts.items())}}
+    atomic_write_json(out_dir / f"{key}.json", marker)
+    return marker
+
+
+def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backend: str = "local",
+           workers: int | None = None, ray_address: str | None = None, write_docs: bool = False,
+           label_field: str | None = None, progress: bool = True) -> dict:
+    """Assign every document of every shard to a cluster: balanced (each shard's exact balanced
+    assignment, capacity ceil(n_shard / K), warm-started from the router's prices) or nearest
+    centre. Finished shards (done-marker matching the shard and router) are skipped, so a
+    killed run restarted with the same command resumes and ends with identical output."""
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    t0 = time.perf_counter()
+    run = RunDir(out)
+    manifest = run.manifest()
+    cfg = manifest.get("cluster")
+    if cfg is None:
+        raise FileNotFoundError(f"{run.manifest_path} has no fitted router: run `cbtm cluster fit` first")
+    paths = _corpus_paths(corpus if corpus is not None else manifest.get("corpus", {}).get("paths"))
+    shards = list_shards(paths)
+    router_fp = _router_fingerprint(run)
+    run.assignments.mkdir(parents=True, exist_ok=True)
+    todo, done = [], []
+    for shard in shards:
+        state = _shard_state(shard, router_fp, balanced, write_docs, label_field)
+        marker = run.assignments / f"{shard_key(shard)}.json"
+        if marker.is_file() and all(read_json(marker).get(key) == v for key, v in state.items()):
+            done.append(read_json(marker))
+        else:
+            todo.append((str(shard), state))
+    base = {"balanced": balanced, "write_docs": write_docs, "label_field": label_field,
+            "text_field": cfg["text_field"], "id_field": cfg["id_field"],
+            "valid_fraction": cfg["valid_fraction"], "seed": cfg["seed"]}
+    bar = tqdm(total=len(shards), initial=len(done), desc="assigning shards", unit="shard", disable=not progress)
+    results = list(done)
+    if todo:
+        n_workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+        if backend == "ray":
+            results += _run_ray(str(run.path), todo, base, n_workers, ray_address, bar)
+        elif n_workers == 1:
+            for shard, state in todo:
+                results.append(_assign_shard(str(run.path), shard, {**base, "state": state}))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(n_workers) as pool:
+                futs = [pool.submit(_assign_shard, str(run.path), shard, {**base, "state": state})
+                        for shard, state in todo]
+                for f in futs:
+                    results.append(f.result())
+                    bar.update()
+    bar.close()
+    k = cfg["k"]
+    sizes = np.zeros((k, 2), np.int64)  # (cluster, train/valid)
+    for r in results:
+        for key, n in r["sizes"].items():
+            c, split = key.split(":")
+            sizes[int(c), 0 if split == "train" else 1] += n
+    summary = {"shards": len(shards), "resumed": len(done), "documents": int(sizes.sum()),
+               "capacity": int(sum(-(-r["documents"] // k) for r in results)),
+               "skipped_lines": int(sum(r["skipped_lines"] for r in results)), "balanced": balanced,
+               "backend": backend, "train_sizes": sizes[:, 0].tolist(), "valid_sizes": sizes[:, 1].tolist(),
+               "label_field": label_field, "write_docs": write_docs,
+               "shard_keys": [shard_key(s) for s in shards], "seconds": round(time.perf_counter() - t0, 2)}
+    run.update(assignments=summary)
+    if progress:
+        print(f"assigned {summary['documents']} documents from {len(shards)} shard(s) "
+              f"({len(done)} resumed, {summary['skipped_lines']} bad lines skipped) in {summary['seconds']} s")
+    return summary
+
+
+def _run_ray(run_path: str, todo: list, base: dict, n_workers: int, address: str | None, bar) -> list:
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError("--backend ray needs Ray: pip install 'cbtm[ray]'") from e
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=n_workers, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(max_retries=2)(_assign_shard)
+        refs = [task.remote(run_path, shard, {**base, "state": state}) for shard, state in todo]
+        out = []
+        for ref in refs:
+            out.append(ray.get(ref))
+            bar.update()
+        return out
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def read_assignments(out: str | Path) -> list[dict]:
+    """Every assignment record of the run's shards (in shard order)."""
+    run = RunDir(out)
+    keys = run.manifest().get("assignments", {}).get("shard_keys")
+    if not keys:
+        raise FileNotFoundError(f"{run.path} has no assignments: run `cbtm cluster assign` first")
+    recs = []
+    for key in keys:
+        path = run.assignments / f"{key}.jsonl"
+        with open(path, encoding="utf-8") as fh:
+            recs.extend(json.loads(line) for line in fh if line.strip())
+    return recs
+
+
+def top_terms(embedder: TfidfEmbedder, centers: np.ndarray, n: int = 10) -> list[list[str]]:
+    """Terms with the largest weight in each centre, mapped back through the SVD components."""
+    weights = centers.astype(np.float64) @ np.asarray(embedder.components, np.float64)  # (K, V)
+    vocab = embedder.vocabulary
+    return [[vocab[i] for i in np.argsort(-w)[:n]] for w in weights]
+
+
+def report(out: str | Path, label_field: str | None = None, n_terms: int = 10, progress: bool = True) -> dict:
+    """Cluster sizes, top terms, and (when assignments carry labels) purity, NMI and the
+    cluster x label table; written to reports/cluster_report.{md,json} and returned."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    run = RunDir(out)
+    manifest = run.manifest()
+    embedder, km = load_router(run)
+    k = km.n_clusters
+    recs = read_assignments(out)
+    clusters = np.array([r["cluster"] for r in recs], np.int64)
+    sizes = np.bincount(clusters, minlength=k)
+    cap = int(manifest["assignments"]["capacity"])  # sum over shards of ceil(n_shard / K)
+    rep: dict[str, Any] = {
+        "k": k, "documents": len(recs), "sizes": sizes.tolist(), "capacity": cap,
+        "within_capacity": bool(sizes.max() <= cap), "max_over_mean": float(sizes.max() / sizes.mean()),
+        "balanced": manifest.get("assignments", {}).get("balanced"),
+        "top_terms": top_terms(embedder, km.cluster_centers_, n_terms),
+    }
+    labels = [r.get("label") for r in recs]
+    if any(l is not None for l in labels):
+        labels = ["<none>" if l is None else str(l) for l in labels]
+        names = sorted(set(labels))
+        lab_idx = np.array([names.index(l) for l in labels])
+        table = np.zeros((k, len(names)), np.int64)
+        np.add.at(table, (clusters, lab_idx), 1)
+        rep.update(label_field=label_field or manifest.get("assignments", {}).get("label_field"), labels=names,
+                   table=table.tolist(), purity=float(table.max(1).sum() / len(recs)),
+                   nmi=float(normalized_mutual_info_score(lab_idx, clusters)))
+    md = _report_markdown(rep)
+    run.reports.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.reports / "cluster_report.json", rep)
+    atomic_write_text(run.reports / "cluster_report.md", md)
+    run.update(cluster_report={"path": "reports/cluster_report.json", "nmi": rep.get("nmi"),
+                               "purity": rep.get("purity"), "within_capacity": rep["within_capacity"]})
+    if progress:
+        print(md)
+    return rep
+
+
+def _report_markdown(rep: dict) -> str:
+    lines = [f"# Cluster report: k={rep['k']}, {rep['documents']} documents", ""]
+    summary = f"Sizes {min(rep['sizes'])}..{max(rep['sizes'])} (capacity {rep['capacity']}, " \
+              f"{'all within' if rep['within_capacity'] else 'NOT all within'} capacity)"
+    if "nmi" in rep:
+        summary += f"; against `{rep['label_field']}`: NMI {rep['nmi']:.3f}, purity {rep['purity']:.3f}"
+    lines += [summary + ".", "", "| cluster | size | top terms |", "| ---: | ---: | --- |"]
+    for c, (n, terms) in enumerate(zip(rep["sizes"], rep["top_terms"])):
+        lines.append(f"| {c} | {n} | {', '.join(terms)} |")
+    if "table" in rep:
+        lines += ["", "| cluster | " + " | ".join(rep["labels"]) + " |",
+                  "| ---: |" + " ---: |" * len(rep["labels"])]
+        for c, row in enumerate(rep["table"]):
+            lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,135 @@
+"""The clustering stage end to end on a slice of the embedded corpus: fit, assign (local
+processes and Ray), resume after a kill, per-cluster documents, report, CLI."""
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbtm import cluster
+from cbtm.cli import main
+from cbtm.corpus import default_corpus_path, read_documents
+from cbtm.rundir import RunDir
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Every 12th document of the embedded corpus (all 8 domains), in 3 JSONL shards, plus a bad line."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = list(islice(read_documents(default_corpus_path()), 0, None, 12))
+    for s in range(3):
+        with open(d / f"part{s}.jsonl", "w") as fh:
+            for doc in docs[s::3]:
+                fh.write(json.dumps({"id": doc.id, "text": doc.text, **doc.meta}) + "\n")
+    with open(d / "part0.jsonl", "a") as fh:
+        fh.write("{not json\n")
+    return d, len(docs)
+
+
+@pytest.fixture(scope="module")
+def fitted(shards, tmp_path_factory):
+    corpus, _ = shards
+    run = tmp_path_factory.mktemp("run")
+    cluster.fit(str(corpus), run, k=4, sample=10_000, n_components=32, seed=0, progress=False)
+    return run
+
+
+def _outputs(run: Path) -> dict:
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted((run / "assignments").rglob("*.jsonl"))}
+
+
+def test_fit_writes_router_and_manifest(fitted, shards):
+    m = RunDir(fitted).manifest()
+    assert m["cluster"]["k"] == 4 and m["cluster"]["balanced"]
+    assert m["cluster"]["skipped_lines"] == 1
+    assert m["corpus"]["fingerprint"]
+    assert {"numpy", "torch", "scikit-learn"} <= set(m["versions"])
+    files = {p.name for p in (fitted / "router").iterdir()}
+    assert files == {"embedder.json", "embedder.safetensors", "kmeans.json", "kmeans.safetensors"}
+    sizes = m["cluster"]["sample_cluster_sizes"]
+    assert max(sizes) <= -(-sum(sizes) // 4)
+
+
+def test_assign_balanced_report_and_resume(fitted, shards):
+    _, n_docs = shards
+    s = cluster.assign(None, fitted, workers=2, write_docs=True, label_field="domain", progress=False)
+    assert s["documents"] == n_docs and s["resumed"] == 0 and s["skipped_lines"] == 1
+    recs = cluster.read_assignments(fitted)
+    assert len(recs) == n_docs and len({r["id"] for r in recs}) == n_docs
+    sizes = np.bincount([r["cluster"] for r in recs], minlength=4)
+    assert sizes.max() <= s["capacity"]
+    # the documents split per cluster hold every document exactly once, in its cluster
+    by_cluster = {}
+    for f in (fitted / "assignments" / "clusters").rglob("*.jsonl"):
+        c = int(f.parent.name.split("_")[1])
+        for line in f.read_text().splitlines():
+            by_cluster[json.loads(line)["id"]] = c
+    assert by_cluster == {r["id"]: r["cluster"] for r in recs}
+    rep = cluster.report(fitted, progress=False)
+    assert rep["within_capacity"] and 0.0 <= rep["nmi"] <= 1.0
+    assert np.array(rep["table"]).sum() == n_docs and len(rep["labels"]) == 8
+    assert (fitted / "reports" / "cluster_report.md").read_text().startswith("# Cluster report")
+
+    # a rerun skips every finished shard
+    before = _outputs(fitted)
+    again = cluster.assign(None, fitted, workers=2, write_docs=True, label_field="domain", progress=False)
+    assert again["resumed"] == 3 and _outputs(fitted) == before
+
+    # a run killed after its first shard resumes and ends with identical output
+    for p in (fitted / "assignments").rglob("*"):
+        if p.is_file():
+            p.unlink()
+    real = cluster._assign_shard
+    calls = []
+
+    def dying(*args):
+        if calls:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(1)
+        return real(*args)
+
+    cluster._assign_shard = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.assign(None, fitted, workers=1, write_docs=True, label_field="domain", progress=False)
+    finally:
+        cluster._assign_shard = real
+    resumed = cluster.assign(None, fitted, workers=1, write_docs=True, label_field="domain", progress=False)
+    assert resumed["resumed"] == 1
+    assert _outputs(fitted) == before
+
+
+def test_nearest_centre_option_differs_only_in_balance(fitted):
+    s = cluster.assign(None, fitted, balanced=False, workers=1, progress=False)
+    assert s["resumed"] == 0  # a different mode never reuses balanced outputs
+    _, km = cluster.load_router(fitted)
+    assert km.n_clusters == 4
+
+
+def test_ray_backend_matches_local(fitted, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster.assign(None, fitted, workers=1, label_field="domain", progress=False)
+    local = _outputs(fitted)
+    for p in (fitted / "assignments").glob("*.json"):
+        p.unlink()
+    s = cluster.assign(None, fitted, backend="ray", workers=2, label_field="domain", progress=False)
+    assert s["resumed"] == 0 and s["backend"] == "ray"
+    assert _outputs(fitted) == local
+
+
+def test_cli_and_clear_errors(shards, tmp_path, capsys):
+    corpus, n_docs = shards
+    run = tmp_path / "run"
+    assert main(["cluster", "fit", str(corpus / "part1.jsonl"), "--out", str(run), "-k", "3",
+                 "--n-components", "16"]) == 0
+    assert main(["cluster", "assign", "--out", str(run), "--label-field", "domain"]) == 0
+    out = capsys.readouterr().out
+    assert "Cluster report: k=3" in out and "NMI" in out
+    assert main(["cluster", "assign", "--out", str(tmp_path / "nothing")]) == 2
+    assert "not a cbtm run directory" in capsys.readouterr().err
+    assert main(["cluster", "fit", str(tmp_path / "missing.jsonl"), "--out", str(run), "-k", "3"]) == 2
+    with pytest.raises(ValueError, match="fewer than k"):
+        cluster.fit(str(corpus / "part1.jsonl"), tmp_path / "r2", k=10_000, sample=20_000, progress=False)
