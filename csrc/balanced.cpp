@@ -369,21 +369,37 @@ std::vector<int64_t> place_dummies(int64_t k, int64_t count, const std::vector<d
   return dummy;
 }
 
-// One full pass, then the solver on the candidates it leaves.
-void solve_from_pass(DistanceOracle& oracle, int64_t n, int64_t k, int64_t cap, std::vector<double>& p,
-                     int32_t* labels, SolveStats& st) {
-  std::vector<float> margin(n);
+// One full pass: labels and margins of every point; returns the excess over capacity with the
+// dummies placed at the cheapest price.
+int64_t full_pass(DistanceOracle& oracle, int64_t n, int64_t k, int64_t cap, const std::vector<double>& p,
+                  int32_t* labels, std::vector<float>& margin, std::vector<int64_t>& dummy) {
+  margin.resize(n);
   oracle.full_pass(p.data(), labels, margin.data());
-  std::vector<int64_t> dummy = place_dummies(k, k * cap - n, p);
+  dummy = place_dummies(k, k * cap - n, p);
   std::vector<int64_t> counts(dummy);
   for (int64_t i = 0; i < n; ++i) ++counts[labels[i]];
   int64_t excess = 0;
   for (int64_t j = 0; j < k; ++j) excess += std::max<int64_t>(0, counts[j] - cap);
+  return excess;
+}
+
+// The solver on the candidates a full pass leaves.
+void solve_after_pass(DistanceOracle& oracle, int64_t n, int64_t k, int64_t cap, std::vector<double>& p,
+                      int32_t* labels, const std::vector<float>& margin, std::vector<int64_t>& dummy,
+                      int64_t excess, SolveStats& st) {
   if (excess == 0) return;
   Solver solver(oracle, k, cap, p, dummy, st);
   solver.cache_from_pass(labels, margin.data(), n, std::max<int64_t>(4 * excess, 4096) / k);
   solver.run();
   solver.store(labels);
+}
+
+void solve_from_pass(DistanceOracle& oracle, int64_t n, int64_t k, int64_t cap, std::vector<double>& p,
+                     int32_t* labels, SolveStats& st) {
+  std::vector<float> margin;
+  std::vector<int64_t> dummy;
+  const int64_t excess = full_pass(oracle, n, k, cap, p, labels, margin, dummy);
+  solve_after_pass(oracle, n, k, cap, p, labels, margin, dummy, excess, st);
 }
 
 // The oracle of a subset of the points (ids), its full pass computed from rows in blocks.
@@ -456,7 +472,14 @@ SolveStats balanced_solve(DistanceOracle& oracle, int64_t n, int64_t k, int64_t 
   if (cap < 1 || cap * k < n) throw std::invalid_argument("balanced_assign: capacity * K must be at least N");
   SolveStats st;
   if (!warm) presolve(oracle, n, k, cap, p, st);
-  solve_from_pass(oracle, n, k, cap, p, labels, st);
+  std::vector<float> margin;
+  std::vector<int64_t> dummy;
+  int64_t excess = full_pass(oracle, n, k, cap, p, labels, margin, dummy);
+  if (warm && excess * 32 > n) {  // the warm prices are far off: refine them on subsets first
+    presolve(oracle, n, k, cap, p, st);
+    excess = full_pass(oracle, n, k, cap, p, labels, margin, dummy);
+  }
+  solve_after_pass(oracle, n, k, cap, p, labels, margin, dummy, excess, st);
   st.rows = oracle.rows_computed;
   const double pmin = *std::min_element(p.begin(), p.end());
   for (double& v : p) v -= pmin;
