@@ -20,13 +20,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+
+from .rundir import atomic_save_safetensors, atomic_write_text
 
 NUMBER_TOKEN = "#NUMBER"
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default
 _FORMAT = "cbtm.tfidf_embedder"
-_CHUNK = re.compile(r"\S+")  # whitespace-separated chunks: no token and no lowercase context crosses them
+_SPLIT = re.compile(r"(\s+)")  # splits text into whitespace-separated chunks: no token and no lowercase context crosses them
 _BATCH = 2048  # documents per transform batch
+_MEMO = 1 << 20  # analysed chunks remembered by prefix_embeddings
+_PREFIX_BATCH = 64  # texts embedded together by prefix_embeddings_batch
 
 
 def _number_vectorizer():
@@ -104,6 +108,7 @@ class TfidfEmbedder:
         # per-term vector idf[w] * components[:, w], in float64 so running sums stay exact: (V, D)
         self._vec = np.ascontiguousarray(self.components.T, dtype=np.float64)
         self._vec *= self.idf.astype(np.float64)[:, None]
+        self._chunk_ids: dict[str, list[int]] = {}  # whitespace chunk -> term ids, shared by all calls
 
     def _check_fitted(self) -> None:
         if self.vocabulary is None:
@@ -151,61 +156,89 @@ class TfidfEmbedder:
         truncated string. Offsets may come in any order and repeat; each must be in [0, len(text)].
         Cost: one analysis of ``text`` plus one of each distinct partial word, O(words × D) arithmetic.
         """
-        return self._prefix(text, char_offsets, {})
+        return self.prefix_embeddings_batch([text], [char_offsets])[0]
 
     def prefix_embeddings_batch(self, texts: Sequence[str],
                                 offsets_list: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """``prefix_embeddings`` for several texts, sharing one cache of analysed words."""
+        """``prefix_embeddings`` of several texts, vectorised over texts (in batches of ``_PREFIX_BATCH``)."""
+        self._check_fitted()
         if len(texts) != len(offsets_list):
             raise ValueError(f"{len(texts)} texts but {len(offsets_list)} offset lists")
-        cache: dict[str, list[int]] = {}
-        return [self._prefix(t, o, cache) for t, o in zip(texts, offsets_list)]
+        out: list[np.ndarray] = []
+        for i in range(0, len(texts), _PREFIX_BATCH):
+            out += self._prefix_batch(texts[i:i + _PREFIX_BATCH], offsets_list[i:i + _PREFIX_BATCH])
+        return out
 
-    def _prefix(self, text: str, char_offsets: Sequence[int], cache: dict[str, list[int]]) -> np.ndarray:
-        """``prefix_embeddings`` with ``cache``: chunk or partial-chunk string -> its term ids.
+    def _prefix_batch(self, texts: Sequence[str], offsets_list: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Prefix embeddings of a few texts laid end to end (one separator character apart).
 
         Tokens never span whitespace and lowercasing never looks across it (final sigma is the only
         context-dependent case; the token pattern matches word characters only), so ``text[:c]``
         analyses as the complete whitespace-separated chunks before ``c`` plus the partial chunk
-        ``text[chunk_start:c]``, analysed on its own.
+        ``text[chunk_start:c]``, analysed on its own. Analyses are memoised across calls (the memo
+        is dropped when it exceeds ``_MEMO`` entries).
         """
-        self._check_fitted()
-        if not isinstance(text, str):
-            raise TypeError(f"text must be str, got {type(text).__name__}")
-        offsets = np.asarray(char_offsets)
-        if offsets.ndim != 1 or (offsets.size and offsets.dtype.kind not in "iu"):
-            raise TypeError("char_offsets must be a 1-D sequence of integers")
-        offsets = offsets.astype(np.int64)  # (M,)
-        if offsets.size and (offsets.min() < 0 or offsets.max() > len(text)):
-            bad = offsets[(offsets < 0) | (offsets > len(text))][0]
-            raise ValueError(f"char offset {bad} out of range [0, {len(text)}]")
+        memo = self._chunk_ids
+        if len(memo) > _MEMO:
+            memo.clear()
+        get = memo.get
 
         def ids_of(s: str) -> list[int]:
-            ids = cache.get(s)
+            ids = get(s)
             if ids is None:
-                ids = cache[s] = self._ids(s)
+                ids = memo[s] = self._ids(s)
             return ids
 
-        chunks = list(_CHUNK.finditer(text))
-        starts = np.fromiter((m.start() for m in chunks), dtype=np.int64, count=len(chunks))  # (n,)
-        ends = np.fromiter((m.end() for m in chunks), dtype=np.int64, count=len(chunks))  # (n,)
-        chunk_ids = [ids_of(m.group()) for m in chunks]
-        n_before = np.zeros(len(chunks) + 1, dtype=np.int64)  # tokens before chunk k: (n+1,)
-        np.cumsum([len(ids) for ids in chunk_ids], out=n_before[1:])
-        token_ids = np.fromiter(chain.from_iterable(chunk_ids), dtype=np.int64, count=int(n_before[-1]))  # (T,)
-        token_vecs = self._vec[token_ids]  # (T, D)
-        running = np.zeros((len(token_vecs) + 1, self.n_components))  # (T+1, D)
-        np.cumsum(token_vecs, axis=0, out=running[1:])
+        all_ids: list[list[int]] = []
+        starts, ends, offs, first_chunk, sizes = [], [], [], [], []
+        base = 0
+        for text, char_offsets in zip(texts, offsets_list):
+            if not isinstance(text, str):
+                raise TypeError(f"text must be str, got {type(text).__name__}")
+            o = np.asarray(char_offsets)
+            if o.ndim != 1 or (o.size and o.dtype.kind not in "iu"):
+                raise TypeError("char_offsets must be a 1-D sequence of integers")
+            o = o.astype(np.int64)  # (M,)
+            if o.size and (o.min() < 0 or o.max() > len(text)):
+                bad = o[(o < 0) | (o > len(text))][0]
+                raise ValueError(f"char offset {bad} out of range [0, {len(text)}]")
+            pieces = _SPLIT.split(text)  # chunk, whitespace, chunk, ... (chunks may be empty at the ends)
+            pos = np.zeros(len(pieces) + 1, dtype=np.int64)
+            np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), out=pos[1:])
+            chunks = pieces[0::2]
+            ids = [get(c) for c in chunks]
+            for k, v in enumerate(ids):
+                if v is None:
+                    ids[k] = ids_of(chunks[k])
+            first_chunk.append(len(all_ids))
+            all_ids += ids
+            starts.append(base + pos[0:-1:2])
+            ends.append(base + pos[1::2])
+            offs.append(base + o)
+            sizes.append(len(o))
+            base += len(text) + 1
+        joined = "\n".join(texts)
+        starts, ends, offs = np.concatenate(starts), np.concatenate(ends), np.concatenate(offs)  # global positions
+        n_before = np.zeros(len(all_ids) + 1, dtype=np.int64)  # tokens before chunk k: (C+1,)
+        np.cumsum(np.fromiter(map(len, all_ids), dtype=np.int64, count=len(all_ids)), out=n_before[1:])
+        token_ids = np.fromiter(chain.from_iterable(all_ids), dtype=np.int64, count=int(n_before[-1]))  # (T,)
+        running = np.zeros((len(token_ids) + 1, self.n_components))  # (T+1, D)
+        np.cumsum(self._vec[token_ids], axis=0, out=running[1:])
 
-        uniq, inverse = np.unique(offsets, return_inverse=True)  # (U,), (M,)
-        done = np.searchsorted(ends, uniq, side="right")  # complete chunks before each offset: (U,)
-        emb = running[n_before[done]]  # (U, D)
-        cut = np.flatnonzero(done < len(chunks))
-        cut = cut[starts[done[cut]] < uniq[cut]]  # offsets strictly inside a chunk
+        doc_tok0 = n_before[np.repeat(np.asarray(first_chunk, dtype=np.int64), sizes)]  # (M,)
+        done = np.searchsorted(ends, offs, side="right")  # complete chunks before each offset: (M,)
+        emb = running[n_before[done]] - running[doc_tok0]  # (M, D)
+        cut = np.flatnonzero(done < len(all_ids))
+        cut = cut[starts[done[cut]] < offs[cut]]  # offsets strictly inside a chunk
         if cut.size:
-            cut_starts = starts[done[cut]].tolist()
-            emb[cut] += self._sums([ids_of(text[s:c]) for s, c in zip(cut_starts, uniq[cut].tolist())])
-        return _l2_normalise(emb)[inverse]
+            part = [ids_of(joined[a:c]) for a, c in zip(starts[done[cut]].tolist(), offs[cut].tolist())]
+            n_part = np.fromiter(map(len, part), dtype=np.int64, count=len(part))  # tokens per partial chunk
+            flat = np.fromiter(chain.from_iterable(part), dtype=np.int64, count=int(n_part.sum()))
+            if flat.size:
+                has = n_part > 0
+                first = np.concatenate([[0], np.cumsum(n_part[has])[:-1]])
+                emb[cut[has]] += np.add.reduceat(self._vec[flat], first, axis=0)
+        return np.split(_l2_normalise(emb), np.cumsum(sizes)[:-1])
 
     # ---- persistence ----------------------------------------------------------------------------
 
@@ -214,13 +247,13 @@ class TfidfEmbedder:
         self._check_fitted()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"idf": self.idf, "components": self.components}, str(directory / "embedder.safetensors"),
-                  metadata={"format": _FORMAT})
+        atomic_save_safetensors(directory / "embedder.safetensors", {"idf": self.idf, "components": self.components},
+                                metadata={"format": _FORMAT})
         config = {"format": _FORMAT, "version": 1, "n_components": self.n_components, "seed": self.seed,
                   "token_pattern": self.token_pattern, "lowercase": self.lowercase,
                   "number_token": NUMBER_TOKEN, "sklearn_version": self.sklearn_version,
                   "stop_words": self.stop_words, "vocabulary": self.vocabulary}
-        (directory / "embedder.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+        atomic_write_text(directory / "embedder.json", json.dumps(config, ensure_ascii=False))
 
     @classmethod
     def load(cls, directory: str | Path) -> "TfidfEmbedder":

@@ -110,10 +110,9 @@ def test_save_load_round_trip_without_pickle(tmp_path, corpus_texts, corpus_embe
     assert np.array_equal(loaded.prefix_embeddings(texts[0], offsets),
                           corpus_embedder.prefix_embeddings(texts[0], offsets))
     # loading and embedding do not need scikit-learn
-    script = ("import sys, importlib.util; sys.modules['sklearn'] = None\n"
-              f"spec = importlib.util.spec_from_file_location('embed', {cbtm.embed.__file__!r})\n"
-              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-              f"print(m.TfidfEmbedder.load({str(tmp_path / 'router')!r}).transform(['holy king']).tolist())")
+    script = ("import sys; sys.modules['sklearn'] = None\n"
+              "from cbtm.embed import TfidfEmbedder\n"
+              f"print(TfidfEmbedder.load({str(tmp_path / 'router')!r}).transform(['holy king']).tolist())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert np.allclose(json.loads(out.stdout), corpus_embedder.transform(["holy king"]), atol=0)
 
