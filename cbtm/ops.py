@@ -4,6 +4,8 @@ Every op accepts numpy arrays or torch tensors (CPU or CUDA) of float32, float16
 validates them, allocates the outputs in the same framework and on the same device, and calls
 ``cbtm._C`` (CPU, OpenMP) or ``cbtm._cuda`` (CUDA tensors). Arrays cross into C++ through DLPack.
 Each op has a plain reference implementation ``<op>_ref`` beside it (float64 NumPy / PyTorch).
+The expert-mixture ops are Triton kernels (``cbtm.kernels.mixture``): Triton for CUDA tensors (and
+for CPU tensors under ``TRITON_INTERPRET=1``), their PyTorch reference otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ __all__ = [
     "cuda_available",
     "last_solve_stats",
     "total_cost",
+    "weighted_logsumexp",
+    "weighted_logsumexp_ref",
+    "weighted_logsumexp_target",
+    "weighted_logsumexp_target_ref",
 ]
 
 _NUMPY_FLOATS = (np.float32, np.float16)
@@ -326,3 +332,35 @@ def to_numpy(a: Any) -> np.ndarray:
     if _is_torch(a):
         return a.detach().cpu().numpy()
     return np.asarray(a)
+
+
+# --------------------------------------------------------------------------------------------
+# expert mixture (Triton)
+
+
+def weighted_logsumexp(logits, log_weights):
+    """Mixed next-token log-probs: float32 (B, V) with
+    ``out[b, v] = logsumexp_j(log_weights[b, j] + log_softmax(logits[j][b])[v])``.
+    logits: k tensors (B, V) or one (k, B, V); log_weights: (B, k), -inf skips an expert."""
+    from .kernels import mixture
+
+    return mixture.weighted_logsumexp(logits, log_weights)
+
+
+def weighted_logsumexp_target(logits, log_weights, target):
+    """The mixture at one target token per row: float32 (B,), no B x V output."""
+    from .kernels import mixture
+
+    return mixture.weighted_logsumexp_target(logits, log_weights, target)
+
+
+def weighted_logsumexp_ref(logits, log_weights, upcast=True):
+    from .kernels import mixture
+
+    return mixture.weighted_logsumexp_ref(logits, log_weights, upcast=upcast)
+
+
+def weighted_logsumexp_target_ref(logits, log_weights, target, upcast=True):
+    from .kernels import mixture
+
+    return mixture.weighted_logsumexp_target_ref(logits, log_weights, target, upcast=upcast)
