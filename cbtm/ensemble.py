@@ -1,0 +1,389 @@
+"""The sparse C-BTM ensemble: route each context to its top-k experts, run only those experts
+(batched by expert), and mix their next-token distributions with the Triton mixture kernels.
+
+    ens = cbtm.Ensemble.load("runs/demo", top_k=2, temperature=0.1, device="cpu")
+    ens.score(["some text"])          # per-token log-probs
+    ens.perplexity(texts)             # {"perplexity", "nll", "tokens"}
+    ens.generate(["Once upon"], max_new_tokens=40)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import ops
+from .router import Router
+from .rundir import RunDir
+
+KINDS = ("cluster", "uniform", "posterior")
+
+
+class ExpertPool:
+    """Expert models placed round-robin on ``devices``, loaded on demand and, when ``max_loaded``
+    is set, evicted least-recently-used (for more experts than fit in memory at once)."""
+
+    def __init__(self, paths: Sequence[str | Path], devices: Sequence[str], max_loaded: int | None = None,
+                 dtype: torch.dtype | None = None):
+        if not paths:
+            raise ValueError("an ensemble needs at least one expert")
+        for p in paths:
+            if not (Path(p) / "config.json").is_file():
+                raise FileNotFoundError(f"expert {p}: no config.json (expected a save_pretrained directory)")
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        self.paths = [Path(p) for p in paths]
+        self.devices = list(devices)
+        self.max_loaded, self.dtype = max_loaded, dtype
+        self._loaded: OrderedDict[int, torch.nn.Module] = OrderedDict()
+        self.loads = 0  # models read from disk (more than len(paths) means evictions happened)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def device(self, j: int) -> torch.device:
+        return torch.device(self.devices[j % len(self.devices)])
+
+    def get(self, j: int) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        if j in self._loaded:
+            self._loaded.move_to_end(j)
+            return self._loaded[j]
+        if self.max_loaded is not None:
+            while len(self._loaded) >= self.max_loaded:
+                self._loaded.popitem(last=False)
+        kw = {"dtype": self.dtype} if self.dtype is not None else {}
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(self.paths[j], local_files_only=True, **kw)
+        model.to(self.device(j)).eval()
+        self.loads += 1
+        self._loaded[j] = model
+        return model
+
+    def context_length(self) -> int:
+        """The smallest maximum context of the experts (read from their configs)."""
+        from transformers import AutoConfig
+
+        lengths = []
+        for p in self.paths:
+            cfg = AutoConfig.from_pretrained(p, local_files_only=True)
+            n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+            lengths.append(int(n) if n else 1024)
+        return min(lengths)
+
+
+class Ensemble:
+    """A C-BTM / BTM ensemble of causal LMs sharing one tokenizer.
+
+    kind: "cluster" (router weights from the context's distance to the cluster centres),
+        "uniform" (every expert 1/k), or "posterior" (BTM: weights proportional to a prior times
+        the likelihood each expert gave the tokens so far; the prior from ``fit_prior``).
+    top_k: experts kept per context (None: all). Only experts with a non-zero weight run.
+    devices: where experts live (round-robin); max_loaded: experts held in memory at once.
+    """
+
+    def __init__(self, experts: Sequence[str | Path], tokenizer, router: Router | None = None, kind: str = "cluster",
+                 top_k: int | None = None, devices: Sequence[str] = ("cpu",), max_loaded: int | None = None,
+                 dtype: torch.dtype | None = None, prior: np.ndarray | None = None, batch_size: int = 8):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "cluster" and router is None:
+            raise ValueError("kind='cluster' needs a router")
+        self.pool = ExpertPool(experts, devices, max_loaded, dtype)
+        k = len(self.pool)
+        if router is not None and router.n_experts != k:
+            raise ValueError(f"the router has {router.n_experts} centres but there are {k} experts")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        self.tokenizer, self.router, self.kind = tokenizer, router, kind
+        self.top_k = None if top_k is None or top_k >= k else int(top_k)
+        if router is not None:
+            router.top_k = self.top_k
+        self.prior = np.full(k, 1.0 / k) if prior is None else np.asarray(prior, np.float64)
+        self.batch_size = int(batch_size)
+        self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if self.bos is None:
+            raise ValueError("the tokenizer has neither a BOS nor an EOS token")
+        self.context = self.pool.context_length()
+        self.mix_device = self.pool.device(0)
+        self.expert_calls = [0] * k  # rows each expert has processed (tests check sparsity with it)
+
+    @classmethod
+    def load(cls, run: str | Path, top_k: int | None = 2, temperature: float = 0.1, kind: str = "cluster",
+             device: str | Sequence[str] = "cpu", max_loaded: int | None = None, official_distance: bool = False,
+             dtype: torch.dtype | None = None, batch_size: int = 8) -> "Ensemble":
+        """The experts, tokenizer and router of a trained run directory. ``device`` is a device or a
+        list of devices ("cuda" means every visible GPU)."""
+        from transformers import AutoTokenizer
+
+        run = RunDir(run)
+        manifest = run.manifest()
+        entries = manifest.get("experts")
+        if not entries:
+            raise FileNotFoundError(f"{run.path} has no trained experts: run `cbtm train` first")
+        missing = [e["id"] for e in entries if e.get("status") != "done"]
+        if missing:
+            raise ValueError(f"experts {missing} of {run.path} are not trained (status != done)")
+        entries = sorted(entries, key=lambda e: e["id"])
+        paths = [run.path / e["path"] for e in entries]
+        router = None
+        if kind == "cluster":
+            full = Router.load(run.path, temperature=temperature, official_distance=official_distance)
+            clusters = [int(e.get("cluster", e["id"])) for e in entries]
+            router = Router(full.embedder, full.centers[clusters], temperature, None, official_distance)
+        if isinstance(device, str):
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else [device]
+        else:
+            devices = list(device)
+        tok = AutoTokenizer.from_pretrained(run.tokenizer, local_files_only=True)
+        return cls(paths, tok, router, kind, top_k, devices, max_loaded, dtype, batch_size=batch_size)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.pool)
+
+    # ---------------------------------------------------------------------------------------
+    # routing
+
+    def _topk(self, w: np.ndarray) -> np.ndarray:
+        """Keep the top_k weights per row and renormalise: (N, K) -> (N, K)."""
+        if self.top_k is None:
+            return w
+        drop = np.argsort(-w, axis=1, kind="stable")[:, self.top_k:]
+        w = w.copy()
+        np.put_along_axis(w, drop, 0.0, axis=1)
+        return w / w.sum(1, keepdims=True)
+
+    def _context_weights(self, texts: Sequence[str], offsets: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Weights of the context before every token: per text (n_tokens, K)."""
+        if self.kind == "cluster":
+            return self.router.token_weights(texts, offsets)
+        return [self._topk(np.tile(self.prior, (len(o), 1))) for o in offsets]
+
+    # ---------------------------------------------------------------------------------------
+    # scoring
+
+    def _encode(self, text: str) -> tuple[list[int], np.ndarray]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = np.array([s for s, _ in enc["offset_mapping"]], np.int64)
+        return list(enc["input_ids"]), starts
+
+    def _expert_logprobs(self, j: int, inputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p_j(target) at every position of the given windows: (n, L) float32 on the mix device."""
+        model = self.pool.get(j)
+        dev = self.pool.device(j)
+        with torch.no_grad():
+            logits = model(input_ids=inputs.to(dev), attention_mask=mask.to(dev)).logits  # (n, L, V)
+        n, L, V = logits.shape
+        zero = torch.zeros(n * L, 1, device=dev)
+        lp = ops.weighted_logsumexp_target([logits.reshape(n * L, V)], zero, targets.to(dev).reshape(-1))
+        self.expert_calls[j] += n
+        return lp.reshape(n, L).to(self.mix_device)
+
+    def score(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Log-probability of every token of every text given the tokens before it (the first
+        token given BOS): a float32 tensor (n_tokens,) per text. Long texts are scored in
+        consecutive windows of the experts' context length."""
+        texts = _as_texts(texts)
+        out: list[torch.Tensor] = []
+        for i in range(0, len(texts), self.batch_size):
+            out += self._score_batch(texts[i:i + self.batch_size])
+        return out
+
+    def _score_batch(self, texts: list[str]) -> list[torch.Tensor]:
+        enc = [self._encode(t) for t in texts]
+        weights = self._context_weights(texts, [s for _, s in enc]) if self.kind != "posterior" else None
+        L, k = self.context, self.n_experts
+        rows = []  # (text index, first token of the window, window length)
+        for i, (ids, _) in enumerate(enc):
+            rows += [(i, a, min(L, len(ids) - a)) for a in range(0, len(ids), L)]
+        if not rows:
+            return [torch.zeros(0) for _ in texts]
+        R = len(rows)
+        inputs = torch.zeros(R, L, dtype=torch.long)
+        targets = torch.zeros(R, L, dtype=torch.long)
+        mask = torch.zeros(R, L, dtype=torch.long)
+        logw = torch.full((R, L, k), -math.inf)  # (R, L, K)
+        for r, (i, a, n) in enumerate(rows):
+            ids = enc[i][0]
+            inputs[r, 0] = self.bos if a == 0 else ids[a - 1]
+            inputs[r, 1:n] = torch.tensor(ids[a:a + n - 1])
+            targets[r, :n] = torch.tensor(ids[a:a + n])
+            mask[r, :n] = 1
+            if weights is not None:
+                with np.errstate(divide="ignore"):
+                    logw[r, :n] = torch.from_numpy(np.log(weights[i][a:a + n].astype(np.float64))).float()
+        if self.kind == "posterior":
+            active = [list(range(R))] * k  # the posterior needs every expert's likelihood
+        else:
+            need = (logw > -math.inf).any(1)  # (R, K): windows that need expert j
+            active = [need[:, j].nonzero().flatten().tolist() for j in range(k)]
+        lp = torch.full((k, R, L), -math.inf)  # (K, R, L) log p_j of each target
+        for j in range(k):
+            if active[j]:
+                sel = torch.tensor(active[j])
+                lp[j, sel] = self._expert_logprobs(j, inputs[sel], mask[sel], targets[sel]).cpu()
+        if self.kind == "posterior":
+            logw = self._posterior_logw(lp, rows, len(texts))
+        mixed = torch.logsumexp(logw + lp.permute(1, 2, 0), dim=-1)  # (R, L)
+        per_text: list[list[torch.Tensor]] = [[] for _ in texts]
+        for r, (i, a, n) in enumerate(rows):
+            per_text[i].append(mixed[r, :n])
+        return [torch.cat(p) if p else torch.zeros(0) for p in per_text]
+
+    def _posterior_logw(self, lp: torch.Tensor, rows: list, n_texts: int) -> torch.Tensor:
+        """BTM posterior weights before each token: log prior + log-likelihood of the earlier
+        tokens of the same text, normalised (then top-k): (R, L, K)."""
+        k, R, L = lp.shape
+        logw = torch.full((R, L, k), -math.inf)
+        prior = torch.from_numpy(np.log(self.prior)).float()
+        seen = {i: torch.zeros(k) for i in range(n_texts)}  # log-likelihood so far per text
+        for r, (i, a, n) in enumerate(rows):
+            cum = torch.cumsum(lp[:, r, :n].T, 0)  # (n, K) through each token
+            before = torch.cat([seen[i][None], seen[i][None] + cum[:-1]])  # (n, K) before each token
+            seen[i] = seen[i] + cum[-1]
+            post = torch.log_softmax(prior + before, dim=-1)
+            w = self._topk(post.exp().double().numpy())
+            with np.errstate(divide="ignore"):
+                logw[r, :n] = torch.from_numpy(np.log(w)).float()
+        return logw
+
+    def fit_prior(self, texts: Sequence[str]) -> np.ndarray:
+        """BTM prior: the average, over a few (validation) documents, of the posterior over
+        experts after reading each whole document. Stored in ``self.prior`` and returned."""
+        texts = _as_texts(texts)
+        kind, top_k, self.kind, self.top_k = self.kind, self.top_k, "uniform", None
+        try:
+            posts = []
+            for t in texts:
+                ids, _ = self._encode(t)
+                if not ids:
+                    continue
+                ll = []
+                for j in range(self.n_experts):
+                    inp = torch.tensor([[self.bos] + ids[:-1]])[:, : self.context]
+                    tgt = torch.tensor([ids])[:, : self.context]
+                    ll.append(float(self._expert_logprobs(j, inp, torch.ones_like(inp), tgt).sum()))
+                ll = np.array(ll)
+                posts.append(np.exp(ll - ll.max()) / np.exp(ll - ll.max()).sum())
+        finally:
+            self.kind, self.top_k = kind, top_k
+        if not posts:
+            raise ValueError("fit_prior needs at least one non-empty text")
+        self.prior = np.mean(posts, axis=0)
+        return self.prior
+
+    def perplexity(self, texts: Sequence[str] | str | Path) -> dict:
+        """Token-level perplexity over texts (or the validation split of a run directory's
+        corpus): {"perplexity", "nll" (mean per token), "tokens", "documents"}."""
+        if isinstance(texts, (str, Path)) and Path(texts).is_dir():
+            texts = validation_texts(texts)
+        scores = self.score(texts)
+        n = sum(len(s) for s in scores)
+        if n == 0:
+            raise ValueError("no tokens to score")
+        nll = -float(sum(s.double().sum() for s in scores)) / n
+        return {"perplexity": math.exp(nll), "nll": nll, "tokens": n, "documents": len(scores)}
+
+    # ---------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 50, temperature: float = 1.0,
+                 top_p: float = 1.0, greedy: bool = False, seed: int = 0) -> list[str]:
+        """Continue each prompt. Routing is recomputed from the text so far at every step; each
+        active expert keeps its own KV cache (an expert that becomes active is prefilled once)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if max_new_tokens < 0 or not temperature > 0 or not 0 < top_p <= 1:
+            raise ValueError("need max_new_tokens >= 0, temperature > 0 and 0 < top_p <= 1")
+        gen = torch.Generator().manual_seed(seed)
+        return [self._generate_one(p, max_new_tokens, temperature, top_p, greedy, gen) for p in prompts]
+
+    def _generate_one(self, prompt: str, max_new: int, temperature: float, top_p: float, greedy: bool,
+                      gen: torch.Generator) -> str:
+        ids = [self.bos] + self._encode(prompt)[0]
+        new: list[int] = []
+        caches: dict[int, tuple] = {}  # expert -> (past_key_values, tokens consumed)
+        loglik = np.zeros(self.n_experts)  # posterior: log-likelihood of the tokens so far
+        for _ in range(max_new):
+            if len(ids) >= self.context:  # slide: keep the last half of the window, re-prefill
+                ids = [self.bos] + ids[-(self.context // 2):]
+                caches.clear()
+            text = prompt + self.tokenizer.decode(new)
+            if self.kind == "cluster":
+                w = self.router.token_weights([text], [[len(text)]])[0][0]
+            elif self.kind == "uniform":
+                w = self._topk(self.prior[None])[0]
+            else:
+                post = np.log(self.prior) + loglik
+                w = self._topk(np.exp(post - post.max())[None] / np.exp(post - post.max()).sum())[0]
+            active = [j for j in range(self.n_experts) if w[j] > 0 or self.kind == "posterior"]
+            logits = []
+            for j in active:
+                past, done = caches.get(j, (None, 0))
+                model, dev = self.pool.get(j), self.pool.device(j)
+                out = model(input_ids=torch.tensor([ids[done:]], device=dev), past_key_values=past, use_cache=True)
+                caches[j] = (out.past_key_values, len(ids))
+                logits.append(out.logits[0, -1:].float().to(self.mix_device))  # (1, V)
+                self.expert_calls[j] += 1
+            with np.errstate(divide="ignore"):
+                lw = torch.from_numpy(np.log(w[active].astype(np.float64))).float()[None].to(self.mix_device)
+            logp = ops.weighted_logsumexp(logits, lw)[0]  # (V,)
+            if greedy:
+                nxt = int(torch.argmax(logp))
+            else:
+                nxt = _sample(logp.cpu() / temperature, top_p, gen)
+            if self.kind == "posterior":
+                loglik += np.array([float(torch.log_softmax(l[0], -1)[nxt]) for l in logits])
+            if nxt == self.tokenizer.eos_token_id:
+                break
+            ids.append(nxt)
+            new.append(nxt)
+        return self.tokenizer.decode(new)
+
+
+def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> int:
+    """Nucleus sampling from (V,) logits."""
+    probs = torch.softmax(logits.double(), -1)
+    if top_p < 1:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+def _as_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("expected a sequence of texts, got one str (wrap it in a list)")
+    texts = list(texts)
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"texts must be str, got {type(t).__name__}")
+    return texts
+
+
+def validation_texts(run: str | Path, limit: int | None = None) -> list[str]:
+    """The validation-split documents of a run directory's corpus (same split as its training)."""
+    from .corpus import read_documents, split_of
+
+    manifest = RunDir(run).manifest()
+    cfg = manifest.get("cluster") or manifest.get("data") or {}
+    paths = manifest.get("corpus", {}).get("paths")
+    if not paths:
+        raise FileNotFoundError(f"{run}: the manifest names no corpus")
+    vf, seed = cfg.get("valid_fraction", 0.05), cfg.get("seed", 0)
+    out = []
+    for doc in read_documents(paths, text_field=cfg.get("text_field", "text"), id_field=cfg.get("id_field", "id")):
+        if split_of(doc.id, vf, seed) == "valid":
+            out.append(doc.text)
+            if limit is not None and len(out) >= limit:
+                break
+    return out

@@ -1,0 +1,226 @@
+"""Router and sparse ensemble against slow references: every prefix re-embedded, every expert run
+on every sequence, the mixture computed in float64."""
+
+import json
+import math
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from cbtm import cluster
+from cbtm.corpus import default_corpus_path, read_documents
+from cbtm.ensemble import Ensemble
+from cbtm.router import Router
+from cbtm.rundir import RunDir
+
+K = 3
+
+
+@pytest.fixture(autouse=True)
+def torch_mixture(request, monkeypatch):
+    """The Triton interpreter is slow on CPU: the mixture takes its PyTorch reference path here
+    (tests/test_mixture.py checks the kernels against it), except in tests marked `triton`."""
+    if "triton" not in request.keywords and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run directory with a fitted router, a BPE tokenizer and K random (peaked, distinct) GPT-2 experts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("ens")
+    docs = list(islice(read_documents(default_corpus_path()), 0, None, 25))
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.id, "text": d.text, **d.meta}) + "\n" for d in docs))
+    path = root / "run"
+    cluster.fit(str(corpus), path, k=K, n_components=16, progress=False)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([d.text for d in docs], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                            bos_token="<|endoftext|>").save_pretrained(path / "tokenizer")
+    entries = []
+    for j in range(K):
+        torch.manual_seed(j)
+        cfg = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=48, n_embd=32, n_layer=1, n_head=2,
+                         initializer_range=0.6)
+        GPT2LMHeadModel(cfg).save_pretrained(path / f"experts/expert_{j:03d}")
+        entries.append({"id": j, "cluster": j, "path": f"experts/expert_{j:03d}", "status": "done"})
+    RunDir(path).update(experts=entries)
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts():
+    docs = list(islice(read_documents(default_corpus_path()), 7, None, 1500))
+    return [d.text[:160] for d in docs[:4]] + ["x"]  # one text shorter than a window, one of a single token
+
+
+def _reference(run, texts, top_k, kind="cluster", prior=None):
+    """Per-token log-probs the slow way: full-sequence forwards of every expert (no windows beyond
+    the context, which the texts fit in after splitting the same way), routing by re-embedding
+    every prefix with transform()."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    router = Router.load(run, temperature=0.1, top_k=top_k)
+    models = [AutoModelForCausalLM.from_pretrained(run / f"experts/expert_{j:03d}").eval() for j in range(K)]
+    L = models[0].config.n_positions
+    out = []
+    for text in texts:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, starts = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
+        lps = np.zeros((K, len(ids)))
+        for a in range(0, len(ids), L):  # the same consecutive windows as Ensemble.score
+            inp = torch.tensor([[tok.eos_token_id if a == 0 else ids[a - 1]] + ids[a:a + L - 1]])
+            for j, m in enumerate(models):
+                with torch.no_grad():
+                    logp = torch.log_softmax(m(inp).logits[0].double(), -1)  # (n, V)
+                n = min(L, len(ids) - a)
+                lps[j, a:a + n] = logp[torch.arange(n), torch.tensor(ids[a:a + n])].numpy()
+        if kind == "cluster":
+            w = router.weights(router.embedder.transform([text[:c] for c in starts]))  # (n, K)
+        else:
+            w = np.tile(np.full(K, 1 / K) if prior is None else prior, (len(ids), 1))
+        with np.errstate(divide="ignore"):
+            out.append(np.logaddexp.reduce(np.log(w.astype(np.float64)) + lps.T, axis=1))
+    return out
+
+
+def test_router_weights_match_the_formula(run, texts):
+    router = Router.load(run, temperature=0.1)
+    e = router.embedder.transform(texts)
+    d2 = ((e[:, None, :].astype(np.float64) - router.centers[None]) ** 2).sum(-1)
+    want = np.exp(-d2 / 0.1) / np.exp(-d2 / 0.1).sum(1, keepdims=True)
+    assert np.allclose(router.weights(e), want, atol=1e-6)
+    official = Router.load(run, temperature=0.1, official_distance=True).weights(e)
+    want4 = np.exp(-(d2 ** 2) / 0.1) / np.exp(-(d2 ** 2) / 0.1).sum(1, keepdims=True)
+    assert np.allclose(official, want4, atol=1e-6)
+    top1 = Router.load(run, temperature=0.1, top_k=1).weights(e)
+    assert ((top1 > 0).sum(1) == 1).all() and np.allclose(top1.sum(1), 1)
+    assert (top1.argmax(1) == want.argmax(1)).all()
+    top2 = Router.load(run, temperature=0.1, top_k=2).weights(e)
+    keep = np.argsort(-want, 1)[:, :2]
+    manual = np.zeros_like(want)
+    np.put_along_axis(manual, keep, np.take_along_axis(want, keep, 1), 1)
+    assert np.allclose(top2, manual / manual.sum(1, keepdims=True), atol=1e-6)
+    # per-token weights are the weights of the re-embedded prefixes
+    offsets = [0, 5, 17, len(texts[0])]
+    assert np.allclose(router.token_weights([texts[0]], [offsets])[0],
+                       router.weights(router.embedder.transform([texts[0][:c] for c in offsets])), atol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        Router.load(run, temperature=0.0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, None])
+def test_score_equals_dense_reference(run, texts, top_k):
+    ens = Ensemble.load(run, top_k=top_k)
+    got = ens.score(texts)
+    want = _reference(run, texts, top_k)
+    for g, w in zip(got, want):
+        assert g.shape == (len(w),) and g.dtype == torch.float32
+        assert np.allclose(g.numpy(), w, atol=2e-4)
+    ppl = ens.perplexity(texts)
+    n = sum(len(w) for w in want)
+    assert ppl["tokens"] == n
+    assert math.isclose(ppl["perplexity"], math.exp(-sum(w.sum() for w in want) / n), rel_tol=1e-4)
+
+
+def test_only_routed_experts_run(run, texts):
+    ens1 = Ensemble.load(run, top_k=1)
+    ens1.score(texts)
+    ensk = Ensemble.load(run, top_k=None)
+    ensk.score(texts)
+    windows = ensk.expert_calls[0]
+    assert ensk.expert_calls == [windows] * K  # all experts run every window
+    # top-1: each expert runs only the windows routed to it at least once
+    assert max(ens1.expert_calls) <= windows < sum(ens1.expert_calls) < K * windows
+
+
+@pytest.mark.triton
+def test_score_through_the_triton_interpreter(run, texts):
+    """Scoring and a generation step with the mixture kernels themselves (interpreted on CPU)."""
+    from cbtm.kernels import mixture_backend
+
+    if not torch.cuda.is_available():
+        assert mixture_backend(torch.zeros(1, 1)) == "triton"  # conftest: TRITON_INTERPRET=1
+    ens = Ensemble.load(run, top_k=2)
+    got = ens.score(texts[3:5])
+    for g, w in zip(got, _reference(run, texts[3:5], 2)):
+        assert np.allclose(g.numpy(), w, atol=2e-4)
+    assert len(ens.generate(["a"], max_new_tokens=2, greedy=True)) == 1
+
+
+def test_on_demand_loading_gives_identical_scores(run, texts):
+    full = Ensemble.load(run, top_k=2).score(texts)
+    lru = Ensemble.load(run, top_k=2, max_loaded=1, batch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(full, lru.score(texts)))
+    assert lru.pool.loads > K and len(lru.pool._loaded) == 1
+
+
+def test_uniform_and_posterior(run, texts):
+    uni = Ensemble.load(run, top_k=None, kind="uniform").score(texts)
+    for g, w in zip(uni, _reference(run, texts, None, kind="uniform")):
+        assert np.allclose(g.numpy(), w, atol=2e-4)
+    post = Ensemble.load(run, top_k=None, kind="posterior")
+    prior = post.fit_prior(texts[:2])
+    assert prior.shape == (K,) and math.isclose(prior.sum(), 1.0, rel_tol=1e-9)
+    got = post.score(texts[:1])[0]
+    # reference: weights prior * likelihood of the tokens before, renormalised
+    ref_ll = []
+    for j in range(K):
+        single = Ensemble(post.pool.paths[j:j + 1], post.tokenizer, kind="uniform")
+        ref_ll.append(single.score(texts[:1])[0].double().numpy())
+    ref_ll = np.stack(ref_ll)  # (K, n)
+    before = np.concatenate([np.zeros((K, 1)), np.cumsum(ref_ll, 1)[:, :-1]], 1)
+    logpost = np.log(prior)[:, None] + before
+    logpost -= np.logaddexp.reduce(logpost, axis=0)
+    want = np.logaddexp.reduce(logpost + ref_ll, axis=0)
+    assert np.allclose(got.numpy(), want, atol=2e-4)
+
+
+def test_generate(run):
+    ens = Ensemble.load(run, top_k=2)
+    a = ens.generate(["And the king said"], max_new_tokens=8, greedy=True)
+    assert a == ens.generate(["And the king said"], max_new_tokens=8, greedy=True)
+    assert isinstance(a[0], str)
+    s1 = ens.generate(["And the"], max_new_tokens=6, top_p=0.9, seed=3)
+    assert s1 == ens.generate(["And the"], max_new_tokens=6, top_p=0.9, seed=3)
+    # the first greedy token is the argmax of the mixture of the routed experts
+    tok = ens.tokenizer
+    prompt = "And the king said"
+    ids = [ens.bos] + tok(prompt, add_special_tokens=False)["input_ids"]
+    w = ens.router.token_weights([prompt], [[len(prompt)]])[0][0]
+    mix = None
+    for j in np.flatnonzero(w):
+        with torch.no_grad():
+            lp = torch.log_softmax(ens.pool.get(j)(torch.tensor([ids])).logits[0, -1].double(), -1)
+        term = lp + math.log(w[j])
+        mix = term if mix is None else torch.logaddexp(mix, term)
+    best = int(mix.argmax())
+    want = "" if best == tok.eos_token_id else tok.decode([best])
+    assert ens.generate([prompt], max_new_tokens=1, greedy=True) == [want]
+    # long generation slides past the context window
+    long = ens.generate(["x"], max_new_tokens=60, greedy=True)
+    assert isinstance(long[0], str)
+
+
+def test_bad_inputs(run, tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        Ensemble.load(run, kind="nope")
+    with pytest.raises(ValueError, match="top_k"):
+        Ensemble.load(run, top_k=0)
+    with pytest.raises(FileNotFoundError):
+        Ensemble.load(tmp_path)
+    ens = Ensemble.load(run, top_k=1)
+    with pytest.raises(TypeError):
+        ens.score("a single string")
+    with pytest.raises(ValueError):
+        ens.generate(["a"], temperature=0)
