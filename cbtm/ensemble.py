@@ -191,13 +191,26 @@ class Ensemble:
         """Log-probability of every token of every text given the tokens before it (the first
         token given BOS): a float32 tensor (n_tokens,) per text. Long texts are scored in
         consecutive windows of the experts' context length."""
-        texts = _as_texts(texts)
-        out: list[torch.Tensor] = []
-        for i in range(0, len(texts), self.batch_size):
-            out += self._score_batch(texts[i:i + self.batch_size])
+        return [mixed for mixed, _, _ in self._score(texts, every_expert=False)]
+
+    def expert_logprobs(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text: the log-prob every expert gives every token, float64 (K, n), and the routing
+        weights of each token's context, (n, K). Runs every expert on every text (dense): for
+        evaluating several top-k settings from one pass (``mix``), not for serving."""
+        out = []
+        for _, lp, logw in self._score(texts, every_expert=True):
+            out.append((lp.double().numpy(), logw.double().exp().numpy()))
         return out
 
-    def _score_batch(self, texts: list[str]) -> list[torch.Tensor]:
+    def _score(self, texts: Sequence[str], every_expert: bool) -> list[tuple]:
+        texts = _as_texts(texts)
+        out: list[tuple] = []
+        for i in range(0, len(texts), self.batch_size):
+            out += self._score_batch(texts[i:i + self.batch_size], every_expert)
+        return out
+
+    def _score_batch(self, texts: list[str], every_expert: bool) -> list[tuple]:
+        """Per text: (mixed log-probs (n,), expert log-probs (K, n), log weights (n, K))."""
         enc = [self._encode(t) for t in texts]
         weights = self._context_weights(texts, [s for _, s in enc]) if self.kind != "posterior" else None
         L, k = self.context, self.n_experts
@@ -205,7 +218,7 @@ class Ensemble:
         for i, (ids, _) in enumerate(enc):
             rows += [(i, a, min(L, len(ids) - a)) for a in range(0, len(ids), L)]
         if not rows:
-            return [torch.zeros(0) for _ in texts]
+            return [(torch.zeros(0), torch.zeros(k, 0), torch.zeros(0, k)) for _ in texts]
         R = len(rows)
         inputs = torch.zeros(R, L, dtype=torch.long)
         targets = torch.zeros(R, L, dtype=torch.long)
@@ -220,7 +233,7 @@ class Ensemble:
             if weights is not None:
                 with np.errstate(divide="ignore"):
                     logw[r, :n] = torch.from_numpy(np.log(weights[i][a:a + n].astype(np.float64))).float()
-        if self.kind == "posterior":
+        if self.kind == "posterior" or every_expert:
             active = [list(range(R))] * k  # the posterior needs every expert's likelihood
         else:
             need = (logw > -math.inf).any(1)  # (R, K): windows that need expert j
@@ -233,10 +246,11 @@ class Ensemble:
         if self.kind == "posterior":
             logw = self._posterior_logw(lp, rows, len(texts))
         mixed = torch.logsumexp(logw + lp.permute(1, 2, 0), dim=-1)  # (R, L)
-        per_text: list[list[torch.Tensor]] = [[] for _ in texts]
+        per_text: list[list[tuple]] = [[] for _ in texts]
         for r, (i, a, n) in enumerate(rows):
-            per_text[i].append(mixed[r, :n])
-        return [torch.cat(p) if p else torch.zeros(0) for p in per_text]
+            per_text[i].append((mixed[r, :n], lp[:, r, :n], logw[r, :n]))
+        return [(torch.cat([m for m, _, _ in p]), torch.cat([e for _, e, _ in p], 1), torch.cat([w for _, _, w in p]))
+                if p else (torch.zeros(0), torch.zeros(k, 0), torch.zeros(0, k)) for p in per_text]
 
     def _posterior_logw(self, lp: torch.Tensor, rows: list, n_texts: int) -> torch.Tensor:
         """BTM posterior weights before each token: log prior + log-likelihood of the earlier
@@ -348,6 +362,19 @@ class Ensemble:
             ids.append(nxt)
             new.append(nxt)
         return self.tokenizer.decode(new)
+
+
+def mix(lp: np.ndarray, w: np.ndarray, top_k: int | None = None) -> np.ndarray:
+    """Mixture log-probs (n,) from expert log-probs (K, n) and full routing weights (n, K),
+    keeping the top_k weights per token (renormalised)."""
+    w = np.asarray(w, np.float64)
+    if top_k is not None and top_k < w.shape[1]:
+        drop = np.argsort(-w, axis=1, kind="stable")[:, top_k:]
+        w = w.copy()
+        np.put_along_axis(w, drop, 0.0, axis=1)
+    w = w / w.sum(1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return np.logaddexp.reduce(np.log(w) + lp.T, axis=1)
 
 
 def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> int:

@@ -224,3 +224,47 @@ def test_bad_inputs(run, tmp_path):
         ens.score("a single string")
     with pytest.raises(ValueError):
         ens.generate(["a"], temperature=0)
+
+
+def test_expert_logprobs_mix_equals_sparse_scores(run, texts):
+    from cbtm.ensemble import mix
+
+    dense = Ensemble.load(run, top_k=None).expert_logprobs(texts)
+    for top_k in (1, 2, None):
+        sparse = Ensemble.load(run, top_k=top_k).score(texts)
+        for (lp, w), s in zip(dense, sparse):
+            assert lp.shape == (K, len(s)) and w.shape == (len(s), K)
+            assert np.allclose(mix(lp, w, top_k), s.numpy(), atol=1e-5)
+
+
+def test_evaluate_table_plot_and_cli(run, tmp_path, capsys):
+    import shutil
+
+    from cbtm import evaluate
+    from cbtm.cli import main
+    from cbtm.ensemble import validation_texts
+
+    dense = tmp_path / "dense"
+    shutil.copytree(run / "experts" / "expert_001", dense / "experts" / "expert_000")
+    shutil.copytree(run / "tokenizer", dense / "tokenizer")
+    m = RunDir(run).manifest()
+    RunDir(dense).update(corpus=m["corpus"], cluster={k: m["cluster"][k] for k in ("valid_fraction", "seed")},
+                         experts=[{"id": 0, "path": "experts/expert_000", "status": "done"}])
+    rep = evaluate.evaluate({"cbtm": run, "dense": dense}, tmp_path / "out", top_ks=["1", "2", "4", "all"],
+                            max_docs=6, progress=False)
+    texts = validation_texts(run, limit=6)
+    assert rep["documents"] == len(texts) == 6
+    assert set(rep["perplexity"]["cbtm"]) == {"1", "2", "all"}  # top-4 of 3 experts is "all"
+    assert set(rep["perplexity"]["dense"]) == {"all"}
+    for t, top_k in (("1", 1), ("2", 2), ("all", None)):
+        want = Ensemble.load(run, top_k=top_k).perplexity(texts)["perplexity"]
+        assert math.isclose(rep["perplexity"]["cbtm"][t], want, rel_tol=1e-5)
+    single = Ensemble.load(dense, top_k=None, kind="uniform").perplexity(texts)["perplexity"]
+    assert math.isclose(rep["perplexity"]["dense"]["all"], single, rel_tol=1e-5)
+    reports = tmp_path / "out" / "reports"
+    assert json.loads((reports / "eval.json").read_text())["perplexity"] == rep["perplexity"]
+    assert (reports / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| cbtm | 3 |" in (reports / "eval.md").read_text()
+    assert main(["eval", f"cbtm={run}", "--max-docs", "2", "--top-k", "1,all"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "missing")]) == 2

@@ -1,0 +1,128 @@
+"""Evaluation: validation perplexity of dense models and ensembles at several top-k, as one table
+(markdown + JSON) and one plot (perplexity vs top-k, one line per run)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from .ensemble import Ensemble, mix, validation_texts
+from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text
+
+TOP_KS = ("1", "2", "4", "all")
+
+
+def _parse_top_ks(top_ks) -> list[str]:
+    out = []
+    for t in top_ks:
+        t = str(t).strip().lower()
+        if t != "all" and not (t.isdigit() and int(t) >= 1):
+            raise ValueError(f"top-k values must be positive integers or 'all', got {t!r}")
+        out.append(t)
+    return out
+
+
+def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperature: float = 0.1,
+                 device: str = "cpu", batch_size: int = 8) -> dict:
+    """Perplexity of one run on texts for every top-k (a one-expert run: only "all").
+
+    Every expert scores every token once; each top-k mixture is then formed from those
+    log-probs with the router's weights, which equals what the sparse ensemble computes."""
+    manifest = RunDir(run).manifest()
+    k = len(manifest.get("experts") or [])
+    routed = k > 1 and (Path(run) / "router" / "kmeans.json").is_file()
+    ens = Ensemble.load(run, top_k=None, temperature=temperature, kind="cluster" if routed else "uniform",
+                        device=device, batch_size=batch_size)
+    scored = ens.expert_logprobs(texts)
+    n_tok = sum(lp.shape[1] for lp, _ in scored)
+    result = {"experts": ens.n_experts, "tokens": n_tok, "perplexity": {}}
+    for t in _parse_top_ks(top_ks):
+        if ens.n_experts == 1 and t != "all":
+            continue
+        top_k = None if t == "all" else int(t)
+        if top_k is not None and top_k >= ens.n_experts and t != str(ens.n_experts):
+            continue  # e.g. top-4 of 2 experts is the same as all
+        nll = -sum(float(mix(lp, w, top_k).sum()) for lp, w in scored) / n_tok
+        result["perplexity"][t] = math.exp(nll)
+    return result
+
+
+def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = None, temperature: float = 0.1,
+             device: str = "cpu", progress: bool = True) -> dict:
+    """Evaluate named runs (name -> run directory) on the validation split of the first run's
+    corpus; write ``out/reports/eval.{json,md,png}`` and return the JSON dict."""
+    if not runs:
+        raise ValueError("no runs to evaluate")
+    t0 = time.perf_counter()
+    first = next(iter(runs.values()))
+    texts = validation_texts(first, limit=max_docs)
+    if not texts:
+        raise ValueError(f"{first}: the validation split is empty")
+    results = {}
+    for name, path in tqdm(list(runs.items()), desc="evaluating", unit="run", disable=not progress):
+        results[name] = evaluate_run(path, texts, top_ks, temperature, device)
+    report = {"documents": len(texts), "tokens": next(iter(results.values()))["tokens"], "temperature": temperature,
+              "top_k": _parse_top_ks(top_ks), "runs": {n: {"path": str(p), **results[n]} for n, p in runs.items()},
+              "perplexity": {n: r["perplexity"] for n, r in results.items()},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    reports = RunDir(out).reports
+    atomic_write_json(reports / "eval.json", report)
+    md = eval_markdown(report)
+    atomic_write_text(reports / "eval.md", md)
+    plot(report["perplexity"], reports / "eval.png", report["top_k"])
+    if progress:
+        print(md)
+    return report
+
+
+def eval_markdown(report: dict) -> str:
+    cols = report["top_k"]
+    lines = [f"Validation perplexity ({report['documents']} documents, {report['tokens']:,} tokens; "
+             f"router temperature {report['temperature']})", "",
+             "| run | experts | " + " | ".join(f"top-{c}" if c != "all" else "all" for c in cols) + " |",
+             "| --- | ---: |" + " ---: |" * len(cols)]
+    for name, r in report["runs"].items():
+        cells = [f"{r['perplexity'][c]:.2f}" if c in r["perplexity"] else "" for c in cols]
+        lines.append(f"| {name} | {r['experts']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(perplexity: dict, path: Path, top_ks: Sequence[str] = TOP_KS) -> None:
+    """Perplexity vs top-k (categorical axis), one line per run; one-expert runs as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in top_ks if any(c in p for p in perplexity.values())]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, p in perplexity.items():
+        pts = [(i, p[c]) for i, c in enumerate(cols) if c in p]
+        if list(p) == ["all"]:
+            ax.axhline(p["all"], linestyle="--", color="gray", label=f"{name}")
+        else:
+            ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", label=name)
+    ax.set_xticks(range(len(cols)), [f"top-{c}" if c != "all" else "all" for c in cols])
+    ax.set_xlabel("experts used per token")
+    ax.set_ylabel("validation perplexity")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def parse_runs(values: Sequence[str]) -> dict:
+    """["NAME=DIR", "DIR", ...] -> {name: dir} (a bare DIR is named after its folder)."""
+    runs = {}
+    for v in values:
+        name, _, path = v.partition("=") if "=" in v else (Path(v).name, "", v)
+        if not RunDir(path).exists():
+            raise FileNotFoundError(f"{path} is not a cbtm run directory (no cbtm.json)")
+        runs[name] = path
+    return runs
+
