@@ -234,15 +234,17 @@ class Ensemble:
                 with np.errstate(divide="ignore"):
                     logw[r, :n] = torch.from_numpy(np.log(weights[i][a:a + n].astype(np.float64))).float()
         if self.kind == "posterior" or every_expert:
-            active = [list(range(R))] * k  # the posterior needs every expert's likelihood
+            need = mask.bool()[:, :, None].expand(R, L, k)  # the posterior needs every expert's likelihood
         else:
-            need = (logw > -math.inf).any(1)  # (R, K): windows that need expert j
-            active = [need[:, j].nonzero().flatten().tolist() for j in range(k)]
+            need = logw > -math.inf  # (R, L, K): positions whose context routes to expert j
+        # a causal LM needs the window only up to the last position that uses it
+        last = torch.where(need, torch.arange(1, L + 1)[None, :, None], 0).amax(1)  # (R, K)
         lp = torch.full((k, R, L), -math.inf)  # (K, R, L) log p_j of each target
         for j in range(k):
-            if active[j]:
-                sel = torch.tensor(active[j])
-                lp[j, sel] = self._expert_logprobs(j, inputs[sel], mask[sel], targets[sel]).cpu()
+            sel = last[:, j].nonzero().flatten()
+            if len(sel):
+                n = int(last[sel, j].max())
+                lp[j, sel, :n] = self._expert_logprobs(j, inputs[sel, :n], mask[sel, :n], targets[sel, :n]).cpu()
         if self.kind == "posterior":
             logw = self._posterior_logw(lp, rows, len(texts))
         mixed = torch.logsumexp(logw + lp.permute(1, 2, 0), dim=-1)  # (R, L)

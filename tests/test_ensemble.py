@@ -161,7 +161,8 @@ def test_score_through_the_triton_interpreter(run, texts):
 def test_on_demand_loading_gives_identical_scores(run, texts):
     full = Ensemble.load(run, top_k=2).score(texts)
     lru = Ensemble.load(run, top_k=2, max_loaded=1, batch_size=2)
-    assert all(torch.equal(a, b) for a, b in zip(full, lru.score(texts)))
+    # other batches give other padded shapes, so equal up to float rounding
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(full, lru.score(texts)))
     assert lru.pool.loads > K and len(lru.pool._loaded) == 1
 
 

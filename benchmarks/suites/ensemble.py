@@ -1,0 +1,84 @@
+"""``ensemble`` suite: scoring throughput of the sparse ensemble.
+
+Eight experts of one size (random weights: throughput does not depend on them) and a router fitted
+on the embedded corpus; validation-style documents scored with top-1, top-2 and all 8 experts,
+against one dense model of the same size scored through the same code path. Tokens/s include
+routing (exact prefix embeddings of every token's context) and the mixture.
+Goal (GPU): top-1-of-8 >= 0.8x the dense model's throughput.
+"""
+import json
+import tempfile
+from itertools import islice
+from pathlib import Path
+
+from benchmarks.common import best_of, markdown_table
+
+K = 8
+SIZES = {False: dict(n_layer=4, n_embd=256, n_head=4), True: dict(n_layer=2, n_embd=64, n_head=2)}
+N_DOCS = {False: 64, True: 8}
+
+
+def _build(root: Path, quick: bool, device: str):
+    """A run directory with a router, a tokenizer, K experts, and a one-expert dense run."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from cbtm import cluster
+    from cbtm.corpus import default_corpus_path, read_documents
+    from cbtm.rundir import RunDir
+
+    docs = list(islice(read_documents(default_corpus_path()), 0, None, 4))
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in docs))
+    run, dense = root / "run", root / "dense"
+    cluster.fit(str(corpus), run, k=K, n_components=100, progress=False)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([d.text for d in docs], trainers.BpeTrainer(
+        vocab_size=8192, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    cfg = GPT2Config(vocab_size=len(hf), n_positions=256, **SIZES[quick])
+    entries = []
+    for j in range(K):
+        torch.manual_seed(j)
+        GPT2LMHeadModel(cfg).save_pretrained(run / f"experts/expert_{j:03d}")
+        entries.append({"id": j, "cluster": j, "path": f"experts/expert_{j:03d}", "status": "done"})
+    for d in (run, dense):
+        hf.save_pretrained(d / "tokenizer")
+    GPT2LMHeadModel(cfg).save_pretrained(dense / "experts/expert_000")
+    RunDir(run).update(experts=entries)
+    RunDir(dense).update(experts=[{"id": 0, "path": "experts/expert_000", "status": "done"}],
+                         corpus=RunDir(run).manifest()["corpus"])
+    texts = [d.text for d in docs[1::97]][: N_DOCS[quick]]
+    return run, dense, texts, sum(p.numel() for p in GPT2LMHeadModel(cfg).parameters())
+
+
+def run(args):
+    import torch
+
+    from cbtm.ensemble import Ensemble
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, dense_dir, texts, params = _build(Path(tmp), args.quick, args.device)
+        rows = []
+        setups = [("dense (1 model)", dense_dir, None, "uniform")] + [
+            (f"cbtm top-{k if k else K} of {K}", run_dir, k, "cluster") for k in (1, 2, None)]
+        for name, path, top_k, kind in setups:
+            ens = Ensemble.load(path, top_k=top_k, kind=kind, device=args.device, batch_size=16)
+            ens.score(texts[:2])  # load the experts, warm up
+            t, scores = best_of(lambda: ens.score(texts), args.repeats, sync)
+            n = sum(len(s) for s in scores)
+            rows.append({"method": name, "tokens": n, "seconds": t, "tokens_per_s": n / t})
+        base = rows[0]["tokens_per_s"]
+        for r in rows:
+            r["vs_dense"] = r["tokens_per_s"] / base
+    md = (f"## ensemble suite: scoring {rows[0]['tokens']:,} tokens, experts of {params / 1e6:.1f} M parameters "
+          f"({args.device})\n\n"
+          + markdown_table(["method", "tokens/s", "× dense"], [[r["method"], r["tokens_per_s"], r["vs_dense"]]
+                                                               for r in rows])
+          + f"\n\nGoal (GPU): top-1 of {K} >= 0.8x dense: {rows[1]['vs_dense']:.2f}x")
+    return {"rows": rows, "markdown": md, "params": params}
