@@ -328,9 +328,10 @@ def total_cost(x, centers, labels) -> float:
 
 
 def to_numpy(a: Any) -> np.ndarray:
-    """numpy view/copy of a numpy array or torch tensor (any device)."""
+    """numpy view/copy of a numpy array or torch tensor (any device; bfloat16 becomes float32)."""
     if _is_torch(a):
-        return a.detach().cpu().numpy()
+        a = a.detach().cpu()
+        return (a.float() if a.dtype == torch.bfloat16 else a).numpy()
     return np.asarray(a)
 
 

@@ -325,6 +325,14 @@ class Solver {
       }
       for (int64_t j = 0; j < k_; ++j)
         if (done[j]) p_[j] += delta - dist[j];
+      // Units moved: one point per point edge; a path of dummy edges only carries as many
+      // dummies as the source's excess, the sink's room and every edge's dummies allow.
+      int64_t flow = cap_ - cnt_[sink], src = sink;
+      for (int64_t b = sink; pred[b] >= 0; b = pred[b]) {
+        src = pred[b];
+        flow = std::min(flow, arg[src * k_ + b] >= 0 ? int64_t(1) : dummy_[src]);
+      }
+      flow = std::min(flow, cnt_[src] - cap_);
       std::fill(dirty.begin(), dirty.end(), 0);
       for (int64_t b = sink; pred[b] >= 0; b = pred[b]) {
         const int64_t a = pred[b];
@@ -337,11 +345,11 @@ class Solver {
           add(b, c);
           dirty[a] = 1;
         } else {
-          --dummy_[a];
-          ++dummy_[b];
+          dummy_[a] -= flow;
+          dummy_[b] += flow;
         }
-        --cnt_[a];
-        ++cnt_[b];
+        cnt_[a] -= flow;
+        cnt_[b] += flow;
       }
       for (int64_t a = 0; a < k_; ++a)
         if (dirty[a]) rebuild(a);
@@ -363,23 +371,35 @@ class Solver {
   std::vector<int64_t> cnt_;   // (K,) points + dummies per cluster
 };
 
-std::vector<int64_t> place_dummies(int64_t k, int64_t count, const std::vector<double>& p) {
+// Dummies (cost 0 everywhere) belong at the cheapest price: they fill the free room of the
+// clusters tied at the minimum price first, any rest goes to the first of them.
+std::vector<int64_t> place_dummies(int64_t count, int64_t cap, const std::vector<double>& p,
+                                   const std::vector<int64_t>& points) {
+  const int64_t k = (int64_t)p.size();
+  const double pmin = *std::min_element(p.begin(), p.end());
   std::vector<int64_t> dummy(k, 0);
-  dummy[std::min_element(p.begin(), p.end()) - p.begin()] = count;
+  int64_t first = -1;
+  for (int64_t j = 0; j < k && count > 0; ++j) {
+    if (p[j] > pmin + tie_tol(pmin)) continue;
+    if (first < 0) first = j;
+    const int64_t put = std::min(count, std::max<int64_t>(0, cap - points[j]));
+    dummy[j] = put;
+    count -= put;
+  }
+  if (count > 0) dummy[first] += count;
   return dummy;
 }
 
-// One full pass: labels and margins of every point; returns the excess over capacity with the
-// dummies placed at the cheapest price.
+// One full pass: labels and margins of every point; returns the excess over capacity.
 int64_t full_pass(DistanceOracle& oracle, int64_t n, int64_t k, int64_t cap, const std::vector<double>& p,
                   int32_t* labels, std::vector<float>& margin, std::vector<int64_t>& dummy) {
   margin.resize(n);
   oracle.full_pass(p.data(), labels, margin.data());
-  dummy = place_dummies(k, k * cap - n, p);
-  std::vector<int64_t> counts(dummy);
+  std::vector<int64_t> counts(k, 0);
   for (int64_t i = 0; i < n; ++i) ++counts[labels[i]];
+  dummy = place_dummies(k * cap - n, cap, p, counts);
   int64_t excess = 0;
-  for (int64_t j = 0; j < k; ++j) excess += std::max<int64_t>(0, counts[j] - cap);
+  for (int64_t j = 0; j < k; ++j) excess += std::max<int64_t>(0, counts[j] + dummy[j] - cap);
   return excess;
 }
 

@@ -1,0 +1,46 @@
+"""Shared pytest configuration: the `gpu` marker, the Triton interpreter switch, a seeded `rng`."""
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+try:
+    import torch
+except ImportError:  # the CPU ops work without torch
+    torch = None
+
+_HAS_CUDA = torch is not None and torch.cuda.is_available()
+if not _HAS_CUDA:
+    # Triton kernels run on the CPU interpreter when there is no GPU; must be set before triton imports.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _gpu_usable() -> bool:
+    if not _HAS_CUDA:
+        return False
+    try:
+        from cbtm import ops
+
+        return bool(ops.cuda_available())
+    except Exception:
+        return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device and cbtm._cuda (skipped without them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_usable():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and the cbtm._cuda kernels")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """numpy Generator seeded from the test's node id: reproducible, different for every test."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
