@@ -62,9 +62,11 @@ def _router_fingerprint(run: RunDir) -> str:
 
 def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = 200_000, n_components: int = 100,
         seed: int = 0, balanced: bool = True, max_iter: int = 20, text_field: str = "text", id_field: str = "id",
-        valid_fraction: float = 0.05, progress: bool = True) -> dict:
+        valid_fraction: float = 0.05, embedder: TfidfEmbedder | None = None, progress: bool = True) -> dict:
     """Fit the embedder and BalancedKMeans on up to ``sample`` training documents (reservoir
-    sample, seeded) and write them to ``out/router`` with the manifest. Returns a summary dict."""
+    sample, seeded) and write them to ``out/router`` with the manifest. Returns a summary dict.
+    ``embedder``: reuse a fitted embedder (e.g. another run's, to compare several k) instead of
+    fitting one."""
     if int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if sample < k:
@@ -88,9 +90,11 @@ def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = 200_0
                 texts[j] = doc.text
     if len(texts) < k:
         raise ValueError(f"only {len(texts)} training documents in {paths}, fewer than k={k}")
-    if progress:
-        print(f"fitting tf-idf + SVD({n_components}) on {len(texts)} documents ...", flush=True)
-    embedder = TfidfEmbedder(n_components=n_components, seed=seed).fit(texts)
+    if embedder is None:
+        if progress:
+            print(f"fitting tf-idf + SVD({n_components}) on {len(texts)} documents ...", flush=True)
+        embedder = TfidfEmbedder(n_components=n_components, seed=seed).fit(texts)
+    n_components = embedder.n_components
     x = embedder.transform(texts)  # (n, n_components)
     if progress:
         print(f"fitting {'balanced ' if balanced else ''}k-means, k={k} ...", flush=True)

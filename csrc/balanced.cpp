@@ -239,19 +239,26 @@ class Solver {
     std::vector<std::vector<int64_t>> mem(k_);
     std::vector<double> base(kk, kInf), w(kk), dist(k_);
     std::vector<int64_t> barg(kk, -3), arg(kk);  // moved point; -1 a dummy; -2 an uncached point; -3 none
+    std::vector<int64_t> ties(kk, 0);  // members of a tied (within tolerance) at the minimum toward b
     auto add = [&](int64_t a, int64_t c) {
       const float* r = row(c);
       for (int64_t b = 0; b < k_; ++b) {
+        if (b == a) continue;
         const double v = (double)r[b] - (double)r[a];
-        if (b != a && (v < base[a * k_ + b] || (v == base[a * k_ + b] && c < barg[a * k_ + b]))) {
-          base[a * k_ + b] = v;
+        double& m = base[a * k_ + b];
+        if (m == kInf || v < m - tie_tol(m)) {
+          m = v;
           barg[a * k_ + b] = c;
+          ties[a * k_ + b] = 1;
+        } else if (v <= m + tie_tol(m)) {
+          ++ties[a * k_ + b];
         }
       }
     };
     auto rebuild = [&](int64_t a) {
       std::fill(base.begin() + a * k_, base.begin() + (a + 1) * k_, kInf);
       std::fill(barg.begin() + a * k_, barg.begin() + (a + 1) * k_, -3);
+      std::fill(ties.begin() + a * k_, ties.begin() + (a + 1) * k_, 0);
       for (int64_t c : mem[a]) add(a, c);
     };
     auto fetch = [&](const std::vector<int64_t>& want) {  // extend the cache, register new points
@@ -325,12 +332,12 @@ class Solver {
       }
       for (int64_t j = 0; j < k_; ++j)
         if (done[j]) p_[j] += delta - dist[j];
-      // Units moved: one point per point edge; a path of dummy edges only carries as many
-      // dummies as the source's excess, the sink's room and every edge's dummies allow.
+      // Units moved at once: as many as the source's excess, the sink's room and every edge
+      // allow (an edge carries its points tied at the minimum reduced cost, or its dummies).
       int64_t flow = cap_ - cnt_[sink], src = sink;
       for (int64_t b = sink; pred[b] >= 0; b = pred[b]) {
         src = pred[b];
-        flow = std::min(flow, arg[src * k_ + b] >= 0 ? int64_t(1) : dummy_[src]);
+        flow = std::min(flow, arg[src * k_ + b] >= 0 ? ties[src * k_ + b] : dummy_[src]);
       }
       flow = std::min(flow, cnt_[src] - cap_);
       std::fill(dirty.begin(), dirty.end(), 0);
@@ -338,11 +345,20 @@ class Solver {
         const int64_t a = pred[b];
         const int64_t c = arg[a * k_ + b];
         if (c >= 0) {
-          lab_[c] = (int32_t)b;
+          // the `flow` members of a tied at the minimum toward b (c first)
+          std::vector<int64_t> movers{c};
+          const double m = base[a * k_ + b];
+          for (int64_t x : mem[a]) {
+            if ((int64_t)movers.size() >= flow) break;
+            if (x != c && (double)row(x)[b] - (double)row(x)[a] <= m + tie_tol(m)) movers.push_back(x);
+          }
           auto& ma = mem[a];
-          ma.erase(std::find(ma.begin(), ma.end(), c));
-          mem[b].push_back(c);
-          add(b, c);
+          for (int64_t x : movers) {
+            lab_[x] = (int32_t)b;
+            ma.erase(std::find(ma.begin(), ma.end(), x));
+            mem[b].push_back(x);
+            add(b, x);
+          }
           dirty[a] = 1;
         } else {
           dummy_[a] -= flow;
