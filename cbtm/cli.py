@@ -28,6 +28,20 @@ def _cluster_report(a):
     cluster.report(a.out)
 
 
+def _eval(a):
+    from . import evaluate
+
+    runs = evaluate.parse_runs(a.runs)
+    evaluate.evaluate(runs, a.out or next(iter(runs.values())), top_ks=a.top_k.split(","), max_docs=a.max_docs,
+                      temperature=a.temperature, device=a.device)
+
+
+def _demo(a):
+    from .demo import run_demo
+
+    run_demo(a.out, budget=a.budget, corpus=a.corpus or None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cbtm", description="Cluster-Branch-Train-Merge: cluster a corpus, "
                                 "train one expert LM per cluster, merge them as a sparse ensemble.")
@@ -65,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     r = csub.add_parser("report", help="print the cluster report of a run")
     r.add_argument("--out", required=True, help="run directory")
     r.set_defaults(fn=_cluster_report)
+
+    e = sub.add_parser("eval", help="validation perplexity of runs (dense and ensembles at several top-k)")
+    e.add_argument("runs", nargs="+", help="run directories, optionally named: NAME=DIR")
+    e.add_argument("--top-k", default="1,2,4,all", help="comma-separated top-k values (default 1,2,4,all)")
+    e.add_argument("--max-docs", type=int, default=None, help="evaluate on the first N validation documents")
+    e.add_argument("--temperature", type=float, default=0.1, help="router temperature T (default 0.1)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", default=None, help="run directory whose reports/ receives eval.* (default: the first)")
+    e.set_defaults(fn=_eval)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, with the papers' claims checked")
+    d.add_argument("--out", default="runs/demo", help="directory of the demo's runs (default runs/demo)")
+    d.add_argument("--budget", choices=("tiny", "small", "medium"), default="small",
+                   help="small: under 15 minutes on a 2-core CPU; medium: for a GPU (also runs a 4x budget)")
+    d.add_argument("--corpus", nargs="*", default=None, help="corpus files (default: the embedded corpus)")
+    d.set_defaults(fn=_demo)
+
+    from . import train
+
+    train.add_cli(sub)
     return p
 
 

@@ -1,0 +1,95 @@
+"""``train`` suite: training throughput (tokens/s) of the named model sizes on the current device.
+
+For ``tiny`` and ``small`` (``--device cuda`` adds ``base``): one optimizer step of
+``cbtm.train.Trainer`` (AdamW, clipping, warmup+cosine, fp32 on CPU, bf16 autocast on GPU) on a
+batch of random token ids, vocabulary 8192 — the default batch of ``cbtm train`` on CPU (4 rows of
+128 tokens), 16 rows of 512 on GPU — timed over several steps after a warmup step, best of
+``--repeats``. On CPU both one thread and every core. The anchor is a plain Hugging Face loop on
+the same model and batch (``model(input_ids, labels=x).loss.backward()``, AdamW step): the ratio
+shows the overhead of cbtm's step (≈ 1.0 means none).
+"""
+import os
+
+import numpy as np
+import torch
+
+from benchmarks.common import best_of, markdown_table
+
+VOCAB = 8192
+CPU_BATCH, GPU_BATCH = (4, 128), (16, 512)  # (rows, tokens per row)
+
+
+class _Tok:
+    """The two tokenizer facts a config needs, without training a tokenizer."""
+
+    eos_token_id = bos_token_id = pad_token_id = 0
+
+    def __len__(self):
+        return VOCAB
+
+
+def _trainer(size, device, batch, seq_len):
+    from cbtm import models, train
+
+    model = models.new_model(size, _Tok(), seed=0)
+    cfg = train.TrainConfig(seq_len=seq_len, batch_size=batch, lr=models.default_lr(size))
+    return train.Trainer(model, cfg, total_steps=1000, device=device), models.num_params(model)
+
+
+def _plain_step(model, opt, x):
+    loss = model(input_ids=x, labels=x, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _measure(size, device, threads, steps, repeats):
+    """(cbtm tokens/s, plain HF tokens/s, params) with ``threads`` torch threads."""
+    batch, seq_len = GPU_BATCH if device == "cuda" else CPU_BATCH
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(0)
+        rows = [rng.integers(0, VOCAB, seq_len).astype(np.uint16) for _ in range(batch)]
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        trainer, params = _trainer(size, device, batch, seq_len)
+        trainer.step(rows)  # warmup
+        t, _ = best_of(lambda: [trainer.step(rows) for _ in range(steps)], repeats, sync)
+        ours = steps * batch * seq_len / t
+        model = trainer.model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+        x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+
+        def plain():
+            for _ in range(steps):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                    _plain_step(model, opt, x)
+
+        plain()  # warmup
+        tp, _ = best_of(plain, repeats, sync)
+        return ours, steps * batch * seq_len / tp, params
+    finally:
+        torch.set_num_threads(prev)
+
+
+def run(args):
+    """Tokens/s per size (and thread count on CPU); returns {"rows", "markdown"}."""
+    device = args.device
+    sizes = ("tiny", "small", "base") if device == "cuda" else ("tiny", "small")
+    steps = 2 if args.quick else 10
+    cores = os.cpu_count() or 1
+    threads = [1] if device == "cuda" else sorted({1, cores})
+    rows = []
+    for size in sizes:
+        for n in threads:
+            ours, plain, params = _measure(size, device, n, steps, args.repeats)
+            rows.append({"size": size, "params": params, "threads": n, "tokens_per_s": ours,
+                         "plain_hf_tokens_per_s": plain, "vs_plain": ours / plain})
+    table = markdown_table(
+        ["size", "params (M)", "threads", "cbtm tokens/s", "plain HF tokens/s", "× plain"],
+        [(r["size"], r["params"] / 1e6, r["threads"], round(r["tokens_per_s"]), round(r["plain_hf_tokens_per_s"]),
+          r["vs_plain"]) for r in rows])
+    batch, seq_len = GPU_BATCH if device == "cuda" else CPU_BATCH
+    header = (f"## train suite: {device}, batch {batch} x {seq_len} tokens, vocabulary {VOCAB}, "
+              f"{'bf16 autocast' if device == 'cuda' else 'fp32'}, {steps} steps per timing\n\n")
+    return {"rows": rows, "markdown": header + table}

@@ -1,0 +1,257 @@
+"""`cbtm demo`: the whole pipeline on the embedded corpus (or any corpus), reproducing the C-BTM
+papers' comparisons at laptop scale, and one table saying which claims this run reproduced.
+
+Stages (each resumes when rerun): a shared BPE tokenizer and a dense seed model (the BTM seed
+phase) -> balanced tf-idf clusterings k in {2, 4, 8} (one shared embedder) -> baselines: random
+equal split (k=4), unbalanced k-means (k=4), gold metadata split (one expert per label) -> every
+expert branched from the seed and trained on its cluster with a compute-matched budget (k experts
+of T/k tokens each) -> a dense model trained T tokens from the same seed -> validation perplexity
+of every run at top-k in {1, 2, 4, all} -> reports/demo.{json,md} and reports/eval.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import cluster, data, evaluate, train
+from .corpus import default_corpus_path, read_documents
+from .kmeans import BalancedKMeans
+from .rundir import RunDir, atomic_write_json, atomic_write_text
+
+# total_tokens: T, the budget of every compared run; seed_tokens: the shared seed phase;
+# scales: multiples of T also run for the "best k grows with the budget" claim.
+BUDGETS = {
+    "tiny": dict(total_tokens=24_000, seed_tokens=8_000, model_size="tiny", seq_len=64, batch_size=8,
+                 eval_docs=12, scales=(1,)),
+    "small": dict(total_tokens=1_200_000, seed_tokens=300_000, model_size="tiny", seq_len=128, batch_size=16,
+                  eval_docs=200, scales=(1,)),
+    "medium": dict(total_tokens=20_000_000, seed_tokens=4_000_000, model_size="small", seq_len=512, batch_size=32,
+                   eval_docs=None, scales=(1, 4)),
+}
+KS = (2, 4, 8)
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[demo] {msg}", flush=True)
+
+
+def _records(out: Path, assign) -> list[dict]:
+    """(id, cluster, split) of every document of a clustered run, with assign(rec) -> new cluster."""
+    return [{"id": r["id"], "cluster": assign(r), "split": r["split"]} for r in cluster.read_assignments(out)]
+
+
+def _router_from_groups(run: Path, embedder, corpus, records: list[dict], k: int) -> None:
+    """A router whose centres are the mean embeddings of each group's training documents, so the
+    baselines route the way C-BTM does (by distance to their group centres)."""
+    group = {r["id"]: r["cluster"] for r in records if r["split"] == "train"}
+    texts, labels = [], []
+    for doc in read_documents(corpus):
+        if doc.id in group:
+            texts.append(doc.text)
+            labels.append(group[doc.id])
+    x = embedder.transform(texts)  # (n, D)
+    labels = np.asarray(labels)
+    km = BalancedKMeans(k, balanced=False, seed=0)
+    km.cluster_centers_ = np.stack([x[labels == c].mean(0) for c in range(k)]).astype(np.float32)
+    km.prices_ = np.zeros(k, np.float32)
+    km.counts_ = np.bincount(labels, minlength=k).astype(np.int64)
+    km.n_features_in_, km.inertia_, km.n_iter_, km.inertia_history_ = x.shape[1], 0.0, 0, []
+    embedder.save(RunDir(run).router)
+    km.save(RunDir(run).router)
+
+
+def _random_equal(records: list[dict], k: int) -> list[dict]:
+    """Documents in a seeded random order dealt round-robin into k groups: equal sizes (+-1)."""
+    def key(r):
+        return hashlib.blake2b(f"random:{r['id']}".encode(), digest_size=8).digest()
+
+    out = []
+    for split in ("train", "valid"):
+        part = sorted((r for r in records if r["split"] == split), key=key)
+        out += [{**r, "cluster": i % k} for i, r in enumerate(part)]
+    return out
+
+
+def prepare_runs(out: Path, corpus: list[str], progress: bool) -> dict[str, Path]:
+    """Cluster the corpus for every compared run (resumable); returns name -> run directory."""
+    runs = {f"cbtm-k{k}": out / f"cbtm-k{k}" for k in KS}
+    base = runs["cbtm-k8"]
+    if not RunDir(base).exists() or "cluster" not in RunDir(base).manifest():
+        _log(progress, "clustering k=8 (fits the shared tf-idf + SVD embedder)")
+        cluster.fit(corpus, base, k=8, progress=progress)
+    embedder, _ = cluster.load_router(base)
+    for k in KS:
+        run = runs[f"cbtm-k{k}"]
+        if not RunDir(run).exists() or "cluster" not in RunDir(run).manifest():
+            _log(progress, f"clustering k={k} (balanced)")
+            cluster.fit(corpus, run, k=k, embedder=embedder, progress=progress)
+        cluster.assign(corpus, run, label_field="domain", progress=progress)
+    unbalanced = out / "unbalanced-k4"
+    if not RunDir(unbalanced).exists() or "cluster" not in RunDir(unbalanced).manifest():
+        _log(progress, "clustering k=4 (unbalanced k-means)")
+        cluster.fit(corpus, unbalanced, k=4, balanced=False, embedder=embedder, progress=progress)
+    cluster.assign(corpus, unbalanced, balanced=False, progress=progress)
+    runs["unbalanced-k4"] = unbalanced
+
+    # random equal split: documents hashed into 4 groups (sizes equal up to noise)
+    rand = out / "random-k4"
+    if not (RunDir(rand).router / "kmeans.json").is_file():
+        _log(progress, "random equal split, k=4")
+        recs = _random_equal(_records(base, lambda r: 0), 4)
+        data.write_assignments(rand, recs, corpus, k=4, name="random", source="random equal split")
+        _router_from_groups(rand, embedder, corpus, recs, 4)
+    runs["random-k4"] = rand
+
+    # gold metadata split: one expert per `domain` label, when the corpus has labels
+    labels = {d.id: d.meta.get("domain") for d in read_documents(corpus)}
+    names = sorted({v for v in labels.values() if v is not None})
+    if len(names) >= 2 and None not in labels.values():
+        gold = out / "gold"
+        if not (RunDir(gold).router / "kmeans.json").is_file():
+            _log(progress, f"gold metadata split: {len(names)} domains")
+            recs = _records(base, lambda r: names.index(labels[r["id"]]))
+            data.write_assignments(gold, recs, corpus, k=len(names), name="gold", source="gold domain labels")
+            _router_from_groups(gold, embedder, corpus, recs, len(names))
+        runs["gold"] = gold
+    return runs
+
+
+def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, scale: int, progress: bool) -> dict:
+    """The shared seed, then every run's experts and the dense model at budget scale * T."""
+    settings = dict(seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], lr=_lr(cfg), progress=progress)
+    seed_run = out / "seed"
+    seed = seed_run / "experts" / "expert_000"
+    _log(progress, f"seed phase: a dense {cfg['model_size']} model on {cfg['seed_tokens']:,} tokens")
+    train.train_dense(seed_run, cfg["seed_tokens"], corpus=corpus, model_size=cfg["model_size"], **settings)
+    if not (seed / "tokenizer_config.json").is_file():
+        data.load_tokenizer(RunDir(seed_run).tokenizer).save_pretrained(seed)  # the seed carries its tokenizer
+    total = cfg["total_tokens"] * scale
+    trained = {}
+    suffix = "" if scale == 1 else f"-x{scale}"
+    for name, run in runs.items():
+        target = run if scale == 1 else _scaled_copy(run, scale)
+        _log(progress, f"{name}{suffix}: {len(RunDir(target).manifest()['assignments']['train_sizes'])} experts, "
+                       f"{total:,} tokens in all")
+        train.train_experts(target, total, seed_model=seed, **settings)
+        trained[name + suffix] = target
+    dense = out / f"dense{suffix}"
+    _log(progress, f"dense{suffix}: {total:,} tokens")
+    train.train_dense(dense, total, corpus=corpus, seed_model=seed, **settings)
+    trained["dense" + suffix] = dense
+    return trained
+
+
+def _lr(cfg: dict) -> float:
+    from .models import default_lr
+
+    return default_lr(cfg["model_size"])
+
+
+def _scaled_copy(run: Path, scale: int) -> Path:
+    """A sibling run directory sharing the router and assignments, for a larger budget."""
+    import shutil
+
+    dst = run.with_name(f"{run.name}-x{scale}")
+    if not RunDir(dst).exists():
+        for sub in ("router", "assignments"):
+            if (run / sub).is_dir():
+                shutil.copytree(run / sub, dst / sub)
+        m = RunDir(run).manifest()
+        RunDir(dst).update(**{key: m[key] for key in ("cluster", "corpus", "assignments") if key in m})
+    return dst
+
+
+def claims(ppl: dict, scales) -> list[dict]:
+    """The papers' claims, each with reproduced: true|false and the figures behind it."""
+    def best(name):
+        return min(ppl[name].values()) if name in ppl and ppl[name] else float("nan")
+
+    dense = ppl["dense"]["all"]
+    out = []
+    for k in (4, 8):
+        v = ppl.get(f"cbtm-k{k}", {}).get("all")
+        out.append({"claim": f"C-BTM k={k} has lower validation perplexity than the compute-matched dense model",
+                    "reproduced": bool(v is not None and v < dense), "cbtm": v, "dense": dense})
+    k4 = ppl.get("cbtm-k4", {}).get("all")
+    for other in ("random-k4", "unbalanced-k4"):
+        v = ppl.get(other, {}).get("all")
+        out.append({"claim": f"balanced tf-idf clusters (k=4) beat the {other.replace('-k4', '')} split",
+                    "reproduced": bool(v is not None and k4 is not None and k4 < v), "cbtm-k4": k4, other: v})
+    if "gold" in ppl:
+        g, best_cbtm = ppl["gold"]["all"], min(ppl[f"cbtm-k{k}"]["all"] for k in KS)
+        out.append({"claim": "balanced tf-idf clusters come close to the gold metadata split (within 5%)",
+                    "reproduced": bool(best_cbtm <= 1.05 * g), "best_cbtm": best_cbtm, "gold": g})
+    for k in (4, 8):
+        p = ppl.get(f"cbtm-k{k}", {})
+        if {"2", "all"} <= set(p):
+            tops = {t: p[t] for t in ("2", "4") if t in p}
+            out.append({"claim": f"k={k}: top-2 and top-4 are within 1% of using all experts",
+                        "reproduced": all(v <= 1.01 * p["all"] for v in tops.values()), **{f"top-{t}": v for t, v in tops.items()},
+                        "all": p["all"]})
+            out.append({"claim": f"k={k}: top-1 still beats the dense model", "reproduced": bool(p["1"] < dense),
+                        "top-1": p["1"], "dense": dense})
+    if len(scales) > 1:
+        big = max(scales)
+        best_small = min(KS, key=lambda k: ppl[f"cbtm-k{k}"]["all"])
+        best_big = min(KS, key=lambda k: ppl[f"cbtm-k{k}-x{big}"]["all"])
+        out.append({"claim": f"the best k grows with the budget (T vs {big}T)", "reproduced": best_big > best_small,
+                    "best_k_at_T": best_small, f"best_k_at_{big}T": best_big})
+    else:
+        out.append({"claim": "the best k grows with the budget", "reproduced": None,
+                    "note": "not tested at this budget: run `cbtm demo --budget medium` (T and 4T) on a GPU"})
+    return out
+
+
+def _markdown(report: dict) -> str:
+    cols = ("1", "2", "4", "all")
+    lines = [f"# cbtm demo ({report['budget']} budget: T = {report['config']['total_tokens']:,} tokens per run, "
+             f"{report['config']['model_size']} models, seed phase {report['config']['seed_tokens']:,} tokens)", "",
+             f"Validation perplexity, {report['eval']['documents']} documents / {report['eval']['tokens']:,} tokens:", "",
+             "| run | " + " | ".join(f"top-{c}" if c != "all" else "all experts" for c in cols) + " |",
+             "| --- |" + " ---: |" * len(cols)]
+    for name, p in report["perplexity"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{p[c]:.2f}" if c in p else "" for c in cols) + " |")
+    lines += ["", "| claim | reproduced | figures |", "| --- | --- | --- |"]
+    for c in report["claims"]:
+        figs = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()
+                         if k not in ("claim", "reproduced"))
+        mark = {True: "yes", False: "**no**", None: "not tested"}[c["reproduced"]]
+        lines.append(f"| {c['claim']} | {mark} | {figs} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, progress: bool = True) -> dict:
+    """Run (or resume) the whole demo; returns the report written to ``out/reports/demo.json``."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    cfg = BUDGETS[budget]
+    t0 = time.perf_counter()
+    out = Path(out)
+    corpus = [str(default_corpus_path())] if corpus is None else [str(c) for c in
+                                                                  (corpus if isinstance(corpus, (list, tuple)) else [corpus])]
+    runs = prepare_runs(out, corpus, progress)
+    trained = {}
+    for scale in cfg["scales"]:
+        trained.update(train_all(out, runs, corpus, cfg, scale, progress))
+    order = ["dense"] + [n for n in trained if n != "dense"]
+    _log(progress, "evaluating every run on the validation split")
+    ev = evaluate.evaluate({n: trained[n] for n in order}, out, max_docs=cfg["eval_docs"], progress=False)
+    report = {"budget": budget, "config": {k: v for k, v in cfg.items() if k != "scales"}, "scales": list(cfg["scales"]),
+              "corpus": corpus, "perplexity": ev["perplexity"],
+              "eval": {k: ev[k] for k in ("documents", "tokens", "temperature")},
+              "claims": claims(ev["perplexity"], cfg["scales"]), "runs": {n: str(p) for n, p in trained.items()},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    reports = RunDir(out).reports
+    atomic_write_json(reports / "demo.json", report)
+    md = _markdown(report)
+    atomic_write_text(reports / "demo.md", md)
+    if progress:
+        print(md)
+        print(f"[demo] done in {report['seconds']:.0f} s -> {reports / 'demo.json'}, {reports / 'eval.png'}")
+    return report
+

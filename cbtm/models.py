@@ -1,0 +1,118 @@
+"""Expert models: named small Llama-style configs trained from scratch, or a local seed checkpoint.
+
+Every model is a ``transformers`` causal LM saved with ``save_pretrained`` (config.json +
+model.safetensors). Nothing here downloads: seed models load with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+# name -> (hidden size, layers, heads, MLP size, context, default peak learning rate)
+SIZES: dict[str, tuple[int, int, int, int, int, float]] = {
+    "tiny": (128, 2, 4, 384, 512, 3e-3),      # ~0.4 M + embeddings: learns on 2 CPU cores in a minute
+    "small": (256, 4, 4, 768, 1024, 2e-3),    # ~3.1 M + embeddings
+    "base": (512, 8, 8, 1536, 2048, 1e-3),    # ~25 M + embeddings: a GPU size
+    "medium": (768, 12, 12, 2048, 2048, 6e-4),  # ~85 M + embeddings
+}
+SEED_MODEL_LR = 2e-4  # default peak learning rate when continuing a pretrained seed model
+
+
+def _check_size(size: str) -> tuple:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+def config_for(size: str, tokenizer):
+    """The ``LlamaConfig`` of a named size for ``tokenizer`` (vocabulary, EOS/BOS/PAD ids); no dropout."""
+    from transformers import LlamaConfig
+
+    d, layers, heads, mlp, ctx, _ = _check_size(size)
+    eos = tokenizer.eos_token_id
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=d, intermediate_size=mlp, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=ctx,
+                       tie_word_embeddings=True, attention_dropout=0.0, rms_norm_eps=1e-5,
+                       bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+                       eos_token_id=eos, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+
+
+def new_model(size: str, tokenizer, seed: int = 0):
+    """A freshly initialised model of a named size; the same ``seed`` gives the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = config_for(size, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A local Hugging Face causal LM directory (any architecture AutoModelForCausalLM knows)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"seed model not found: {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory "
+                                "(expected save_pretrained output: config.json + model.safetensors)")
+    try:
+        with quiet():
+            return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a causal LM from {path}: {e}") from e
+
+
+def save(model, out: str | Path) -> Path:
+    """``model.save_pretrained`` into directory ``out``, replacing it atomically."""
+    from .data import save_dir
+
+    with quiet():
+        return save_dir(out, model.save_pretrained)
+
+
+@contextlib.contextmanager
+def quiet():
+    """No transformers progress bars (loading / writing weights) inside the block."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions support, when the config states one."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_compatible(config, seq_len: int, vocab_size: int) -> None:
+    """Raise ValueError when ``seq_len`` exceeds the model's context or the tokenizer its embeddings."""
+    ctx = context_length(config)
+    if ctx is not None and seq_len > ctx:
+        raise ValueError(f"seq_len {seq_len} is larger than the model's context of {ctx} tokens: "
+                         f"use --seq-len {ctx} or less")
+    if vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the model embeds only {config.vocab_size}")
+
+
+def num_params(model) -> int:
+    """Parameters, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_lr(size: str | None) -> float:
+    """Peak learning rate of a named size, or of a pretrained seed model (``size=None``)."""
+    return SEED_MODEL_LR if size is None else _check_size(size)[5]

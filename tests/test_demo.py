@@ -1,0 +1,69 @@
+"""The demo pipeline end to end at the tiny budget on a slice of the embedded corpus: every
+artefact of every run directory, the report's keys, and a resumed rerun."""
+
+import json
+from itertools import islice
+
+import pytest
+
+from cbtm.corpus import default_corpus_path, read_documents
+from cbtm.demo import BUDGETS, run_demo
+from cbtm.rundir import RunDir
+
+RUNS = ("dense", "cbtm-k2", "cbtm-k4", "cbtm-k8", "random-k4", "unbalanced-k4", "gold")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    corpus = root / "slice.jsonl"
+    docs = list(islice(read_documents(default_corpus_path()), 0, None, 24))
+    corpus.write_text("".join(json.dumps({"id": d.id, "text": d.text, **d.meta}) + "\n" for d in docs))
+    out = root / "out"
+    return out, run_demo(out, budget="tiny", corpus=str(corpus), progress=False), corpus
+
+
+def test_report_has_every_run_and_claim(demo):
+    out, report, _ = demo
+    saved = json.loads((out / "reports" / "demo.json").read_text())
+    assert saved["perplexity"] == report["perplexity"]
+    assert set(saved["perplexity"]) == set(RUNS)
+    assert set(saved["perplexity"]["dense"]) == {"all"}
+    assert set(saved["perplexity"]["cbtm-k8"]) == {"1", "2", "4", "all"}
+    assert set(saved["perplexity"]["cbtm-k2"]) == {"1", "2", "all"}
+    for p in saved["perplexity"].values():
+        assert all(v > 1 for v in p.values())
+    claims = saved["claims"]
+    assert len(claims) >= 9 and all(c["reproduced"] in (True, False, None) for c in claims)
+    assert all(isinstance(c["claim"], str) for c in claims)
+    assert (out / "reports" / "demo.md").read_text().startswith("# cbtm demo")
+    assert (out / "reports" / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_run_directory_is_complete(demo):
+    out, report, _ = demo
+    for name in RUNS:
+        run = RunDir(out / name)
+        m = run.manifest()
+        experts = m["experts"]
+        assert all(e["status"] == "done" for e in experts)
+        for e in experts:
+            d = run.path / e["path"]
+            assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+        assert (run.tokenizer / "tokenizer.json").is_file()
+        assert m["assignments"]["shard_keys"]
+        if name != "dense":
+            assert {p.name for p in run.router.iterdir()} >= {"kmeans.json", "kmeans.safetensors",
+                                                              "embedder.json", "embedder.safetensors"}
+            assert len(experts) == (8 if name in ("cbtm-k8", "gold") else int(name[-1]))
+        # compute matching: every run trained the same total number of tokens
+        assert sum(e["tokens"] for e in experts) == BUDGETS["tiny"]["total_tokens"]
+    # no pickle anywhere
+    assert not [p for p in out.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".bin")]
+
+
+def test_rerun_resumes_without_training(demo):
+    out, report, corpus = demo
+    again = run_demo(out, budget="tiny", corpus=str(corpus), progress=False)
+    assert again["perplexity"] == report["perplexity"]
+    assert again["seconds"] < report["seconds"]
