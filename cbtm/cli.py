@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--corpus", nargs="*", default=None, help="corpus files (default: the embedded corpus)")
     d.set_defaults(fn=_demo)
 
-    from . import train
+    from . import merge, train
 
     train.add_cli(sub)
+    merge.add_cli(sub)
     return p
 
 

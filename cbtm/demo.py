@@ -12,6 +12,7 @@ of every run at top-k in {1, 2, 4, all} -> reports/demo.{json,md} and reports/ev
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from .rundir import RunDir, atomic_write_json, atomic_write_text
 BUDGETS = {
     "tiny": dict(total_tokens=24_000, seed_tokens=8_000, model_size="tiny", seq_len=64, batch_size=8,
                  eval_docs=12, scales=(1,)),
-    "small": dict(total_tokens=1_200_000, seed_tokens=300_000, model_size="tiny", seq_len=128, batch_size=16,
-                  eval_docs=200, scales=(1,)),
+    "small": dict(total_tokens=600_000, seed_tokens=200_000, model_size="tiny", seq_len=128, batch_size=16,
+                  eval_docs=150, scales=(1,)),
     "medium": dict(total_tokens=20_000_000, seed_tokens=4_000_000, model_size="small", seq_len=512, batch_size=32,
                    eval_docs=None, scales=(1, 4)),
 }
@@ -135,9 +136,11 @@ def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, sc
     suffix = "" if scale == 1 else f"-x{scale}"
     for name, run in runs.items():
         target = run if scale == 1 else _scaled_copy(run, scale)
-        _log(progress, f"{name}{suffix}: {len(RunDir(target).manifest()['assignments']['train_sizes'])} experts, "
-                       f"{total:,} tokens in all")
-        train.train_experts(target, total, seed_model=seed, **settings)
+        _log(progress, f"{name}{suffix}: {total:,} tokens in all")
+        k = len(RunDir(target).manifest()["assignments"]["train_sizes"])
+        # tiny CPU models: experts in parallel processes of one thread each beat threads within one
+        parallel = min(k, os.cpu_count() or 1) if cfg["model_size"] == "tiny" else 1
+        train.train_experts(target, total, seed_model=seed, parallel=parallel, **settings)
         trained[name + suffix] = target
     dense = out / f"dense{suffix}"
     _log(progress, f"dense{suffix}: {total:,} tokens")

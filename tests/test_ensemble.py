@@ -269,3 +269,38 @@ def test_evaluate_table_plot_and_cli(run, tmp_path, capsys):
     assert main(["eval", f"cbtm={run}", "--max-docs", "2", "--top-k", "1,all"]) == 0
     assert "top-1" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+def test_btm_merge_operations(run, tmp_path, texts):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from cbtm import merge
+    from cbtm.cli import main
+
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    avg_dir = merge.average(work, tmp_path / "avg", weights=[1, 2, 1])
+    avg = AutoModelForCausalLM.from_pretrained(avg_dir).state_dict()
+    sds = [AutoModelForCausalLM.from_pretrained(work / f"experts/expert_{j:03d}").state_dict() for j in range(K)]
+    for name, t in avg.items():
+        if t.is_floating_point():
+            want = (sds[0][name] + 2 * sds[1][name] + sds[2][name]) / 4
+            assert torch.allclose(t, want, atol=1e-6), name
+    assert (avg_dir / "tokenizer.json").is_file()
+
+    new = merge.add_expert(work, work / "experts/expert_001", texts[:2])
+    assert new == K
+    ens = Ensemble.load(work, top_k=2)
+    assert ens.n_experts == K + 1 and ens.router.centers.shape[0] == K + 1
+    e = ens.router.embedder.transform(texts[:2]).mean(0)
+    assert np.allclose(ens.router.centers[K], e, atol=1e-6)
+    assert len(ens.score(texts[:1])[0]) > 0
+    merge.remove_expert(work, 0)
+    assert Ensemble.load(work, top_k=2).n_experts == K
+    with pytest.raises(ValueError, match="no expert"):
+        merge.remove_expert(work, 0)
+    assert main(["merge", "export", "--out", str(work), "--to", str(tmp_path / "ens.json")]) == 0
+    spec = json.loads((tmp_path / "ens.json").read_text())
+    assert [x["id"] for x in spec["experts"]] == [1, 2, K] and spec["routing"]["top_k"] == 2
