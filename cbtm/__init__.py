@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 from . import ops
 from .embed import TfidfEmbedder
+from .ensemble import Ensemble
 from .kmeans import BalancedKMeans
+from .router import Router
 
-__all__ = ["BalancedKMeans", "TfidfEmbedder", "ops", "__version__"]
+__all__ = ["BalancedKMeans", "Ensemble", "Router", "TfidfEmbedder", "ops", "__version__"]
