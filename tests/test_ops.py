@@ -64,7 +64,7 @@ def check_labels_up_to_ties(got, x, c, bias=None):
     ref = np_(ops.assign_ref(x, c, bias)[0])
     d = d64(x, c)
     tol = dist_tol(x, c)
-    score = d + (0.0 if bias is None else f64(np.asarray(np_(bias) if isinstance(bias, torch.Tensor) else bias)))
+    score = d + (0.0 if bias is None else f64(bias).reshape(1, -1))
     n = len(got)
     assert got.min() >= 0 and got.max() < c.shape[0]
     best = score[np.arange(n), ref]
@@ -287,8 +287,7 @@ def test_readonly_numpy_inputs(rng):
     assert ops.total_cost(x, c, b1) == pytest.approx(ops.total_cost(x, c, b2), rel=1e-9)
     pr = p2.copy()
     pr.flags.writeable = False
-    bias_r = pr
-    np.testing.assert_array_equal(ops.assign(xr, cr, bias=bias_r)[0], ops.assign(x, c, bias=p2)[0])
+    np.testing.assert_array_equal(ops.assign(xr, cr, bias=pr)[0], ops.assign(x, c, bias=p2)[0])
     p3 = ops.balanced_assign(xr, cr, prices=pr)[1]
     assert np.all(np.isfinite(p3))
 
@@ -524,18 +523,28 @@ def test_balanced_assign_warm_start(seed):
         _check_balanced(x, c2, cap, labels, p2, ref_cost)
 
 
-@pytest.mark.parametrize("cap_mode", ["n", "x3"])
-def test_balanced_assign_spare_capacity_is_cheap(rng, cap_mode):
-    """Spare capacity (K * cap - N empty slots) must not cost one shortest-path augmentation per slot.
-    With capacity = N there is no constraint at all: the nearest-centre labels are optimal at price 0."""
+@pytest.mark.parametrize("case", ["capacity_n", "capacity_x3", "identical_points", "duplicated_centers"])
+def test_balanced_assign_degenerate_instances_stay_cheap(rng, case):
+    """Spare capacity (K * cap - N empty slots) and exact ties (identical points, identical centres,
+    common with duplicated documents) must not cost one shortest-path augmentation per point or slot
+    (each augmentation is O(K^2) plus member-list rebuilds: the solve becomes quadratic in N).
+    With capacity = N there is no constraint at all: nearest-centre labels are optimal at price 0."""
     n, k = 2000, 20
     x = rng.standard_normal((n, 4)).astype(np.float32)
     c = rng.standard_normal((k, 4)).astype(np.float32)
-    cap = n if cap_mode == "n" else 3 * (-(-n // k))
+    cap = -(-n // k)
+    if case == "capacity_n":
+        cap = n
+    elif case == "capacity_x3":
+        cap = 3 * cap
+    elif case == "identical_points":
+        x[:] = x[0]
+    else:
+        c = np.repeat(c[: k // 4], 4, axis=0)
     labels, prices = ops.balanced_assign(x, c, capacity=cap)
     stats = ops.last_solve_stats()
     _check_balanced(x, c, cap, labels, prices)
-    if cap_mode == "n":
+    if case == "capacity_n":
         assert np.all(prices == 0)
         check_labels_up_to_ties(labels, x, c)
     assert stats["augments"] <= n // 4, stats
