@@ -257,18 +257,9 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
 
 
 def _run_ray(run_path: str, todo: list, base: dict, n_workers: int, address: str | None, bar) -> list:
-    try:
-        import ray
-    except ImportError as e:
-        raise ImportError("--backend ray needs Ray: pip install 'cbtm[ray]'") from e
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=n_workers, include_dashboard=False, log_to_driver=False)
-    try:
+    from .backends import ray_session
+
+    with ray_session(address, n_workers) as ray:
         task = ray.remote(max_retries=2)(_assign_shard)
         refs = [task.remote(run_path, shard, {**base, "state": state}) for shard, state in todo]
         out = []
@@ -276,9 +267,6 @@ def _run_ray(run_path: str, todo: list, base: dict, n_workers: int, address: str
             out.append(ray.get(ref))
             bar.update()
         return out
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -910,25 +910,16 @@ def _ray_job(run_path: str, spec: dict, threads: int, use_gpu: bool) -> dict:
 
 def _dispatch_ray(run: RunDir, jobs: list[dict], address, num_cpus, num_gpus, retries, threads, progress) -> None:
     """Submit the seed job, then every expert as one Ray task; record results as they finish."""
-    try:
-        import ray
-    except ImportError as e:
-        raise ImportError("backend 'ray' needs Ray: pip install 'cbtm[ray]'") from e
     from tqdm.auto import tqdm
+
+    from .backends import ray_session
 
     if num_cpus <= 0 or num_gpus < 0 or int(retries) != retries or retries < 0:
         raise ValueError("num_cpus must be > 0, num_gpus >= 0 and retries a non-negative integer")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     threads = threads or max(1, int(num_cpus))
-    task = ray.remote(_ray_job).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=int(retries),
-                                        retry_exceptions=True)
-    try:
+    with ray_session(address, os.cpu_count()) as ray:
+        task = ray.remote(_ray_job).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=int(retries),
+                                            retry_exceptions=True)
         for stage in ([j for j in jobs if j["expert"] is None], [j for j in jobs if j["expert"] is not None]):
             refs = {}
             for spec in stage:
@@ -947,9 +938,6 @@ def _dispatch_ray(run: RunDir, jobs: list[dict], address, num_cpus, num_gpus, re
             bar.close()
             if run.manifest().get("seed", {}).get("status") == "failed":
                 return
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------
