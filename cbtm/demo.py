@@ -27,11 +27,11 @@ from .rundir import RunDir, atomic_write_json, atomic_write_text
 # scales: multiples of T also run for the "best k grows with the budget" claim.
 BUDGETS = {
     "tiny": dict(total_tokens=24_000, seed_tokens=8_000, model_size="tiny", seq_len=64, batch_size=8,
-                 eval_docs=12, scales=(1,)),
+                 eval_docs=12, scales=(1,), parallel=False),
     "small": dict(total_tokens=600_000, seed_tokens=200_000, model_size="tiny", seq_len=128, batch_size=16,
-                  eval_docs=150, scales=(1,)),
+                  eval_docs=150, scales=(1,), parallel=True),
     "medium": dict(total_tokens=20_000_000, seed_tokens=4_000_000, model_size="small", seq_len=512, batch_size=32,
-                   eval_docs=None, scales=(1, 4)),
+                   eval_docs=None, scales=(1, 4), parallel=False),
 }
 KS = (2, 4, 8)
 
@@ -139,7 +139,7 @@ def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, sc
         _log(progress, f"{name}{suffix}: {total:,} tokens in all")
         k = len(RunDir(target).manifest()["assignments"]["train_sizes"])
         # tiny CPU models: experts in parallel processes of one thread each beat threads within one
-        parallel = min(k, os.cpu_count() or 1) if cfg["model_size"] == "tiny" else 1
+        parallel = min(k, os.cpu_count() or 1) if cfg.get("parallel") else 1
         train.train_experts(target, total, seed_model=seed, parallel=parallel, **settings)
         trained[name + suffix] = target
     dense = out / f"dense{suffix}"
@@ -250,7 +250,8 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     order = ["dense"] + [n for n in trained if n != "dense"]
     _log(progress, "evaluating every run on the validation split")
     ev = evaluate.evaluate({n: trained[n] for n in order}, out, max_docs=cfg["eval_docs"], progress=False)
-    report = {"budget": budget, "config": {k: v for k, v in cfg.items() if k != "scales"}, "scales": list(cfg["scales"]),
+    report = {"budget": budget, "config": {k: v for k, v in cfg.items() if k not in ("scales", "parallel")},
+              "scales": list(cfg["scales"]),
               "corpus": corpus, "perplexity": ev["perplexity"],
               "eval": {k: ev[k] for k in ("documents", "tokens", "temperature")},
               "claims": claims(ev["perplexity"], cfg["scales"], _n_experts(trained.get("gold"))),

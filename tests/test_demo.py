@@ -15,6 +15,14 @@ RUNS = ("dense", "cbtm-k2", "cbtm-k4", "cbtm-k8", "random-k4", "unbalanced-k4", 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The tiny demo, once per module. The mixture takes its PyTorch path here: the Triton
+    interpreter at V=8192 would take minutes (tests/test_mixture.py and test_ensemble.py cover it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield _run(tmp_path_factory)
+
+
+def _run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     corpus = root / "slice.jsonl"
     docs = list(islice(read_documents(default_corpus_path()), 0, None, 24))
@@ -62,8 +70,9 @@ def test_every_run_directory_is_complete(demo):
     assert not [p for p in out.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".bin")]
 
 
-def test_rerun_resumes_without_training(demo):
+def test_rerun_resumes_without_training(demo, monkeypatch):
     out, report, corpus = demo
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     again = run_demo(out, budget="tiny", corpus=str(corpus), progress=False)
     assert again["perplexity"] == report["perplexity"]
     assert again["seconds"] < report["seconds"]
