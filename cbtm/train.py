@@ -560,7 +560,8 @@ def _run_job(run: RunDir, spec: dict, device, progress: bool, callback, position
     speed = session_tokens / session_train_s if session_train_s else None
     result = {"final_valid_loss": final, "valid_tokens": sum(len(b) for b in blocks),
               "tokens_trained": state["tokens"], "tokens_per_s": speed, "finished": now(),
-              "last_session": {"start": session_start, "end": time.time(), "tokens": session_tokens}}
+              "last_session": {"start": session_start, "end": time.time(), "tokens": session_tokens,
+                               "pid": os.getpid()}}
     write_log(**result, status="done")
     _barrier()
     return {**log, **state, **result, "status": "done"}

@@ -12,8 +12,14 @@ except ImportError:  # the CPU ops work without torch
 
 _HAS_CUDA = torch is not None and torch.cuda.is_available()
 if not _HAS_CUDA:
-    # Triton kernels run on the CPU interpreter when there is no GPU; must be set before triton imports.
+    # Triton kernels run on the CPU interpreter when there is no GPU. Triton fixes the mode of its own
+    # @jit functions when it is first imported, so import it now, before anything else (transformers)
+    # imports it while a test has switched the interpreter off.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 
 def _gpu_usable() -> bool:

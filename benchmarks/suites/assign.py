@@ -25,7 +25,7 @@ KS = (8, 32, 128)
 FIT_K = 32
 FIT_ITERS = 20
 # the official fit stops after this many seconds (full, --quick); its time is then scaled to 20 iterations
-OFFICIAL_BUDGET_S = {False: 60.0, True: 3.0}
+OFFICIAL_BUDGET_S = {False: 30.0, True: 3.0}
 CUDA_K = 128
 WARM_SHIFT = 0.01  # norm of the centre perturbation used to produce warm-start prices
 # name -> (HBM GB/s, dense FP32 non-tensor TFLOP/s); first substring match of the device name wins
