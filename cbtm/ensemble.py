@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .router import Router
+from .router import Router, keep_top_k
 from .rundir import RunDir
 
 KINDS = ("cluster", "uniform", "posterior")
@@ -154,12 +154,7 @@ class Ensemble:
 
     def _topk(self, w: np.ndarray) -> np.ndarray:
         """Keep the top_k weights per row and renormalise: (N, K) -> (N, K)."""
-        if self.top_k is None:
-            return w
-        drop = np.argsort(-w, axis=1, kind="stable")[:, self.top_k:]
-        w = w.copy()
-        np.put_along_axis(w, drop, 0.0, axis=1)
-        return w / w.sum(1, keepdims=True)
+        return keep_top_k(w, self.top_k)
 
     def _context_weights(self, texts: Sequence[str], offsets: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Weights of the context before every token: per text (n_tokens, K)."""
@@ -369,12 +364,7 @@ class Ensemble:
 def mix(lp: np.ndarray, w: np.ndarray, top_k: int | None = None) -> np.ndarray:
     """Mixture log-probs (n,) from expert log-probs (K, n) and full routing weights (n, K),
     keeping the top_k weights per token (renormalised)."""
-    w = np.asarray(w, np.float64)
-    if top_k is not None and top_k < w.shape[1]:
-        drop = np.argsort(-w, axis=1, kind="stable")[:, top_k:]
-        w = w.copy()
-        np.put_along_axis(w, drop, 0.0, axis=1)
-    w = w / w.sum(1, keepdims=True)
+    w = keep_top_k(w, top_k)
     with np.errstate(divide="ignore"):
         return np.logaddexp.reduce(np.log(w) + lp.T, axis=1)
 

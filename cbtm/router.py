@@ -13,6 +13,16 @@ from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
 
 
+def keep_top_k(w: np.ndarray, top_k: int | None) -> np.ndarray:
+    """Keep the top_k weights of each row (first index on ties) and renormalise: (N, K) -> (N, K)."""
+    w = np.asarray(w, np.float64)
+    if top_k is not None and top_k < w.shape[1]:
+        drop = np.argsort(-w, axis=1, kind="stable")[:, top_k:]
+        w = w.copy()
+        np.put_along_axis(w, drop, 0.0, axis=1)
+    return w / w.sum(1, keepdims=True)
+
+
 class Router:
     """Expert weights from cluster distances.
 
@@ -52,13 +62,8 @@ class Router:
         emb = np.asarray(emb, np.float64)
         d2 = ((emb[:, None, :] - self.centers[None].astype(np.float64)) ** 2).sum(-1)  # (N, K)
         score = -(d2 ** 2 if self.official_distance else d2) / self.temperature
-        k = self.n_experts if self.top_k is None else min(self.top_k, self.n_experts)
-        if k < self.n_experts:
-            drop = np.argsort(-score, axis=1, kind="stable")[:, k:]  # (N, K - k)
-            np.put_along_axis(score, drop, -np.inf, axis=1)
-        score -= score.max(1, keepdims=True)
-        w = np.exp(score)
-        return (w / w.sum(1, keepdims=True)).astype(np.float32)
+        w = np.exp(score - score.max(1, keepdims=True))
+        return keep_top_k(w, self.top_k).astype(np.float32)
 
     def document_weights(self, texts: Sequence[str]) -> np.ndarray:
         """One weight vector per document: (N, K)."""

@@ -974,15 +974,12 @@ def router_weights(run, cluster: int, sources: Sequence[int], temperature: float
                    max_documents: int = 1000) -> list[float]:
     """BTM mixture weights from the router: the mean over the training documents of ``cluster``
     of ``softmax_j(-||x - c_j||^2 / T)`` over the source experts' cluster centres."""
-    from .cluster import load_router
+    from .router import Router
 
     run = run if isinstance(run, RunDir) else RunDir(run)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    embedder, km = load_router(run)
-    centres = np.asarray(km.cluster_centers_, np.float64)
-    if any(not 0 <= c < len(centres) for c in sources):
-        raise ValueError(f"source clusters {list(sources)} are not all router clusters 0..{len(centres) - 1}")
+    router = Router.load(run.path, temperature=temperature)
+    if any(not 0 <= c < router.n_experts for c in sources):
+        raise ValueError(f"source clusters {list(sources)} are not all router clusters 0..{router.n_experts - 1}")
     texts = []
     for _, _, text in data.iter_documents(run, {(cluster, "train")}):
         texts.append(text)
@@ -990,13 +987,8 @@ def router_weights(run, cluster: int, sources: Sequence[int], temperature: float
             break
     if not texts:
         raise ValueError(f"cluster {cluster} has no training documents to weight the mixture with")
-    x = np.asarray(embedder.transform(texts), np.float64)  # (n, D)
-    c = centres[list(sources)]  # (m, D)
-    d2 = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]  # (n, m)
-    logits = -d2 / temperature
-    w = np.exp(logits - logits.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
-    return w.mean(0).tolist()
+    sub = Router(router.embedder, router.centers[list(sources)], temperature)
+    return sub.document_weights(texts).astype(np.float64).mean(0).tolist()
 
 
 def branch_from_mixture(run, cluster: int, *, sources: Sequence[int] | None = None,
