@@ -22,6 +22,7 @@
 #include <numeric>
 #include <random>
 #include <stdexcept>
+#include <tuple>
 
 namespace cbtm {
 namespace {
@@ -449,23 +450,8 @@ class SubsetOracle final : public DistanceOracle {
     for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
       const int64_t nb = std::min(kBlock, n - i0);
       base_.rows(ids_.data() + i0, nb, rows.data());
-      for (int64_t t = 0; t < nb; ++t) {
-        const float* r = rows.data() + t * k_;
-        double b1 = kInf, b2 = kInf;
-        int32_t j1 = 0;
-        for (int64_t j = 0; j < k_; ++j) {
-          const double v = (double)r[j] + prices[j];
-          if (v < b1) {
-            b2 = b1;
-            b1 = v;
-            j1 = (int32_t)j;
-          } else if (v < b2) {
-            b2 = v;
-          }
-        }
-        labels[i0 + t] = j1;
-        margin[i0 + t] = (float)(b2 - b1);
-      }
+      for (int64_t t = 0; t < nb; ++t)
+        std::tie(labels[i0 + t], margin[i0 + t]) = best_and_margin(rows.data() + t * k_, prices, k_);
     }
   }
   void rows(const int64_t* idx, int64_t n, float* out) override {

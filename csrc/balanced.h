@@ -2,9 +2,29 @@
 // distance. A host-side dual (price) solver over a distance oracle, shared by CPU and CUDA.
 #pragma once
 #include <cstdint>
+#include <limits>
+#include <utility>
 #include <vector>
 
 namespace cbtm {
+
+// Label and margin of one point: (argmin_j dist_j + prices_j, first index on ties; second best
+// cost - best cost, +inf when K = 1). dist: (K,), prices: (K,).
+inline std::pair<int32_t, float> best_and_margin(const float* dist, const double* prices, int64_t k) {
+  double b1 = std::numeric_limits<double>::infinity(), b2 = b1;
+  int32_t j1 = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const double v = (double)dist[j] + prices[j];
+    if (v < b1) {
+      b2 = b1;
+      b1 = v;
+      j1 = (int32_t)j;
+    } else if (v < b2) {
+      b2 = v;
+    }
+  }
+  return {j1, (float)(b2 - b1)};
+}
 
 // Where distances come from (CPU kernels or CUDA kernels).
 struct DistanceOracle {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 namespace cbtm::cpu {
 namespace {
@@ -101,20 +102,7 @@ class CpuOracle final : public DistanceOracle {
     const int64_t k = c_.k;
     rows_computed += x_.n;
     for_each_row(x_, c_, nullptr, x_.n, [&](int64_t i, const float* dist) {
-      double b1 = std::numeric_limits<double>::infinity(), b2 = b1;
-      int32_t j1 = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        const double v = (double)dist[j] + prices[j];
-        if (v < b1) {
-          b2 = b1;
-          b1 = v;
-          j1 = (int32_t)j;
-        } else if (v < b2) {
-          b2 = v;
-        }
-      }
-      labels[i] = j1;
-      margin[i] = (float)(b2 - b1);
+      std::tie(labels[i], margin[i]) = best_and_margin(dist, prices, k);
     });
   }
   void rows(const int64_t* idx, int64_t n, float* out) override {
