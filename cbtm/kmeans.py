@@ -181,6 +181,10 @@ class BalancedKMeans:
         new[empty] = Xn[np.argsort(-far, kind="stable")[: len(empty)]]
         return new
 
+    def _prices(self, prices) -> np.ndarray:
+        """float32 (K,) prices of the last balanced assignment (zeros without one)."""
+        return np.zeros(self.n_clusters, np.float32) if prices is None else ops.to_numpy(prices).astype(np.float32)
+
     # ---------------------------------------------------------------------------------------
     # public API
 
@@ -209,7 +213,7 @@ class BalancedKMeans:
             labels, prices = self._assign(X, c_dev, prices)
             sums, counts, cost = self._update(X, labels, centers)
             history.append(sq + cost)
-            new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers).astype(np.float32)
+            new = _means(sums, counts, centers)
             new = self._relocate_empty(X, labels, centers, new, counts)
             shift = float(((new.astype(np.float64) - centers) ** 2).sum())
             centers = new
@@ -220,7 +224,7 @@ class BalancedKMeans:
         labels, prices = self._assign(X, c_dev, prices)
         _, counts, cost = self._update(X, labels, centers)
         self.labels_ = labels
-        self.prices_ = np.zeros(self.n_clusters, np.float32) if prices is None else ops.to_numpy(prices).astype(np.float32)
+        self.prices_ = self._prices(prices)
         self.inertia_ = max(sq + cost, 0.0)
         self.inertia_history_ = history
         self.n_iter_ = it + 1
@@ -258,13 +262,13 @@ class BalancedKMeans:
                 mean = sums.sum(0) / n
                 tol = self.tol * float(np.mean(sq_cols / n - mean ** 2))
             history.append(total)
-            new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers).astype(np.float32)
+            new = _means(sums, counts, centers)
             shift = float(((new.astype(np.float64) - centers) ** 2).sum())
             centers = new
             if shift <= tol:
                 break
         self.cluster_centers_ = centers
-        self.prices_ = np.zeros(self.n_clusters, np.float32) if prices is None else ops.to_numpy(prices).astype(np.float32)
+        self.prices_ = self._prices(prices)
         self.inertia_ = history[-1]
         self.inertia_history_ = history
         self.n_iter_ = it + 1
@@ -391,3 +395,7 @@ class BalancedKMeans:
         return (f"BalancedKMeans(n_clusters={self.n_clusters}, balanced={self.balanced}, max_iter={self.max_iter}, "
                 f"tol={self.tol}, seed={self.seed}, device={self.device!r})")
 
+
+def _means(sums: np.ndarray, counts: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """New centres sums / counts: float32 (K, D); a cluster without points keeps its centre."""
+    return np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers).astype(np.float32)
