@@ -1,31 +1,298 @@
-"""The `cbtm` command line: one entry point, one subcommand per pipeline stage."""
+"""The `cbtm` command line: one entry point, every subcommand defined here, one per pipeline stage.
+
+Subcommands import their stage only when they run, so ``cbtm cluster ...`` never imports torch.
+A run directory that a command reads is named with ``--run`` (``--out`` is accepted too); a user
+error (bad flag, missing or malformed file) exits with status 2 and one line naming what is wrong.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from . import defaults
+
+CORPUS_HELP = ("JSONL(.gz/.zst) / Parquet / text files, `datasets` directories, directories or globs "
+               "(default: the embedded 8-domain corpus)")
+
+
+def parse_count(text: str) -> int:
+    """``"2M"``, ``"500k"``, ``"1.5e6"``, ``"3000"`` -> int (a positive whole number)."""
+    t = str(text).strip().lower().replace("_", "")
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r}") from None
+    if value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole token count: {text!r}")
+    return int(value)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _run_arg(p, help_text: str) -> None:
+    p.add_argument("--run", "--out", dest="run", required=True, help=help_text)
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster
+
 
 def _cluster_fit(a):
     from . import cluster
 
-    cluster.fit(a.corpus or None, a.out, a.k, sample=a.sample, n_components=a.n_components, seed=a.seed,
+    cluster.fit(a.corpus or None, a.run, a.k, sample=a.sample, n_components=a.n_components, seed=a.seed,
                 balanced=not a.unbalanced, max_iter=a.max_iter, text_field=a.text_field, id_field=a.id_field,
-                valid_fraction=a.valid_fraction)
+                valid_fraction=a.valid_fraction, force=a.force)
 
 
 def _cluster_assign(a):
     from . import cluster
 
-    cluster.assign(a.corpus or None, a.out, balanced=not a.nearest, backend=a.backend, workers=a.workers,
+    cluster.assign(a.corpus or None, a.run, balanced=not a.nearest, backend=a.backend, workers=a.workers,
                    ray_address=a.ray_address, write_docs=a.write_docs, label_field=a.label_field)
-    cluster.report(a.out, label_field=a.label_field)
+    cluster.report(a.run, label_field=a.label_field)
 
 
 def _cluster_report(a):
     from . import cluster
 
-    cluster.report(a.out)
+    cluster.report(a.run)
+
+
+def _add_cluster(sub) -> None:
+    cl = sub.add_parser("cluster", help="cluster a corpus into domains (tf-idf -> SVD -> balanced k-means)")
+    csub = cl.add_subparsers(dest="action", required=True)
+
+    f = csub.add_parser("fit", help="fit the router on a sample of the training split")
+    f.add_argument("corpus", nargs="*", help=CORPUS_HELP)
+    _run_arg(f, "run directory to create")
+    f.add_argument("-k", type=positive_int, required=True, help="number of clusters (experts)")
+    f.add_argument("--sample", type=positive_int, default=defaults.SAMPLE,
+                   help=f"documents sampled to fit (default {defaults.SAMPLE:,})")
+    f.add_argument("--n-components", type=positive_int, default=defaults.N_COMPONENTS,
+                   help=f"SVD dimensions (default {defaults.N_COMPONENTS})")
+    f.add_argument("--seed", type=int, default=defaults.SPLIT_SEED)
+    f.add_argument("--max-iter", type=positive_int, default=defaults.MAX_ITER, help="k-means iterations")
+    f.add_argument("--unbalanced", action="store_true", help="plain k-means instead of balanced")
+    f.add_argument("--text-field", default="text")
+    f.add_argument("--id-field", default="id")
+    f.add_argument("--valid-fraction", type=float, default=defaults.VALID_FRACTION,
+                   help="documents held out for validation")
+    f.add_argument("--force", action="store_true",
+                   help="refit a run that has assignments or experts (drops them from its manifest)")
+    f.set_defaults(fn=_cluster_fit)
+
+    s = csub.add_parser("assign", help="assign every document to a cluster, shard by shard (resumable)")
+    s.add_argument("corpus", nargs="*", help="default: the corpus the router was fitted on")
+    _run_arg(s, "run directory with a fitted router")
+    s.add_argument("--nearest", action="store_true", help="nearest centre instead of balanced (price) assignment")
+    s.add_argument("--backend", choices=("local", "ray"), default="local")
+    s.add_argument("--workers", type=positive_int, default=None, help="parallel shards (default: CPU count)")
+    s.add_argument("--ray-address", default=None, help="address of an existing Ray cluster")
+    s.add_argument("--write-docs", action="store_true", help="also write the documents split per cluster")
+    s.add_argument("--label-field", default=None, help="metadata field with gold labels (report purity / NMI)")
+    s.set_defaults(fn=_cluster_assign)
+
+    r = csub.add_parser("report", help="print the cluster report of a run")
+    _run_arg(r, "run directory")
+    r.set_defaults(fn=_cluster_report)
+
+
+# ------------------------------------------------------------------------------------------------
+# train and branch
+
+
+def _add_train_options(p) -> None:
+    from .training.config import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--seq-len", type=int, default=None, help=f"tokens per training sequence (default {d.seq_len})")
+    g.add_argument("--batch-size", type=int, default=None, help=f"sequences per forward pass and process ({d.batch_size})")
+    g.add_argument("--grad-accum", type=int, default=None, help=f"forward passes per step ({d.grad_accum})")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model size's)")
+    g.add_argument("--warmup", type=float, default=None, help=f"warmup fraction of the steps ({d.warmup})")
+    g.add_argument("--min-lr-ratio", type=float, default=None, help=f"final/peak learning rate ({d.min_lr_ratio})")
+    g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay ({d.weight_decay})")
+    g.add_argument("--clip", type=float, default=None, help=f"gradient-norm clip, 0: off ({d.clip})")
+    g.add_argument("--eval-every", type=int, default=None, help=f"steps between validation losses ({d.eval_every})")
+    g.add_argument("--eval-tokens", type=parse_count, default=None, help=f"validation tokens ({d.eval_tokens})")
+    g.add_argument("--ckpt-every", type=int, default=None, help=f"steps between checkpoints, 0: none ({d.ckpt_every})")
+    g.add_argument("--keep-checkpoints", type=int, default=None, help=f"checkpoints kept per job ({d.keep_checkpoints})")
+    g.add_argument("--seed", type=int, default=None, help=f"random seed ({d.seed})")
+    g.add_argument("--no-bf16", dest="bf16", action="store_const", const=False, default=None,
+                   help="no bf16 autocast on GPU")
+    e = p.add_argument_group("execution")
+    e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    e.add_argument("--restart", action="store_true", help="discard checkpoints and outputs of the selected jobs")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _settings(a) -> dict:
+    names = ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip",
+             "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "seed", "bf16")
+    return {n: getattr(a, n) for n in names if getattr(a, n) is not None}
+
+
+def _train(a) -> None:
+    from .training import TrainingFailed, train_dense, train_experts
+
+    kwargs = dict(model_size=a.model_size, seed_model=a.seed_model, seed_tokens=a.seed_tokens,
+                  experts=_int_list(a.experts) if a.experts else None, backend=a.backend, parallel=a.parallel,
+                  nproc_per_node=a.nproc_per_node, ray_address=a.ray_address, num_cpus=a.num_cpus,
+                  num_gpus=a.num_gpus, retries=a.retries, vocab_size=a.vocab_size, device=a.device,
+                  threads=a.threads, restart=a.restart, progress=not a.quiet, **_settings(a))
+    try:
+        if a.dense:
+            train_dense(a.run, a.total_tokens, like=a.like, corpus=a.corpus or None, **kwargs)
+        else:
+            if a.like or a.corpus:
+                raise ValueError("--like and corpus paths are for --dense; clustered runs use their own corpus")
+            train_experts(a.run, a.total_tokens, **kwargs)
+    except TrainingFailed as e:
+        raise SystemExit(f"cbtm: error: {e}") from None
+
+
+def _branch(a) -> None:
+    from .branch import branch_from_mixture, default_sources
+    from .router import mixture_weights
+    from .training import TrainingFailed
+
+    expert = a.cluster if a.expert is None else a.expert
+    sources = default_sources(a.run, expert) if a.from_mixture == "all" else _int_list(a.from_mixture)
+    if a.weights:
+        weights, method = [float(w) for w in a.weights.split(",")], "given"
+    else:
+        weights, method = mixture_weights(a.run, a.cluster, sources, a.temperature), "router"
+    try:
+        entry = branch_from_mixture(a.run, a.cluster, weights, sources=sources, method=method,
+                                    temperature=a.temperature if method == "router" else None, expert=expert,
+                                    tokens=a.tokens, train=not a.no_train, device=a.device, threads=a.threads,
+                                    restart=a.restart, progress=not a.quiet, **_settings(a))
+    except TrainingFailed as e:
+        raise SystemExit(f"cbtm: error: {e}") from None
+    if not a.quiet:
+        mix = ", ".join(f"{s}:{w:.3f}" for s, w in zip(entry["mixture"]["sources"], entry["mixture"]["weights"]))
+        print(f"expert {entry['id']} <- mixture ({entry['mixture']['method']}) {mix}; status {entry['status']}")
+
+
+def _add_train(sub) -> None:
+    from .models import SIZES
+
+    t = sub.add_parser("train", help="branch and train one expert per cluster (or a dense baseline), compute-matched",
+                       description="Train k experts of total_tokens/k each, or with --dense one model of "
+                       "total_tokens. Rerunning the same command resumes from checkpoints.")
+    t.add_argument("corpus", nargs="*", help="--dense without --like: corpus files (default: the embedded corpus)")
+    _run_arg(t, "run directory (clustered by `cbtm cluster`, or new with --dense)")
+    t.add_argument("--total-tokens", type=parse_count, required=True,
+                   help="token budget T, e.g. 2M: each of k experts trains on T/k, a dense model on T")
+    t.add_argument("--dense", action="store_true", help="train the dense baseline (k=1) in --run")
+    t.add_argument("--like", default=None, help="--dense: the clustered run whose corpus, split and tokenizer to use")
+    t.add_argument("--model-size", default=defaults.MODEL_SIZE, choices=tuple(SIZES),
+                   help=f"named config (default {defaults.MODEL_SIZE})")
+    t.add_argument("--seed-model", default=None, help="local Hugging Face causal LM directory to branch from")
+    t.add_argument("--seed-tokens", type=lambda v: 0 if v.strip() == "0" else parse_count(v), default=0,
+                   help="first train a dense seed on all clusters for this many tokens (BTM seed phase)")
+    t.add_argument("--experts", default=None, help="comma-separated expert ids to train (default: all)")
+    t.add_argument("--vocab-size", type=positive_int, default=None,
+                   help=f"vocabulary of the BPE trained when the run has no tokenizer yet ({defaults.VOCAB_SIZE})")
+    t.add_argument("--backend", choices=("local", "torchrun", "ray"), default="local")
+    t.add_argument("--parallel", type=positive_int, default=1,
+                   help="local: experts at once, one process (and GPU) each")
+    t.add_argument("--nproc-per-node", type=positive_int, default=2, help="torchrun: DDP processes per job")
+    t.add_argument("--ray-address", default=None, help="ray: address of an existing cluster (default: local Ray)")
+    t.add_argument("--num-cpus", type=float, default=1, help="ray: CPUs per expert task (and its torch threads)")
+    t.add_argument("--num-gpus", type=float, default=0, help="ray: GPUs per expert task")
+    t.add_argument("--retries", type=int, default=2, help="ray: retries of a failed task (resumes its checkpoint)")
+    _add_train_options(t)
+    t.set_defaults(fn=_train)
+
+    b = sub.add_parser("branch", help="initialise a new expert as a weighted average of experts, then train it (BTM)")
+    _run_arg(b, "run directory with trained experts")
+    b.add_argument("--from-mixture", nargs="?", const="all", default="all",
+                   help="source expert ids, comma-separated (default: all trained experts)")
+    b.add_argument("--cluster", type=int, required=True, help="cluster id of the new expert's training documents")
+    b.add_argument("--weights", default=None, help="mixture weights, comma-separated (default: router weights)")
+    b.add_argument("--temperature", type=float, default=defaults.TEMPERATURE,
+                   help=f"router temperature for the weights ({defaults.TEMPERATURE})")
+    b.add_argument("--expert", type=int, default=None, help="id of the new expert (default: the cluster id)")
+    b.add_argument("--tokens", type=parse_count, default=None, help="its token budget (default: the run's T/k)")
+    b.add_argument("--no-train", action="store_true", help="only write the initialisation (init/expert_XXX)")
+    _add_train_options(b)
+    b.set_defaults(fn=_branch)
+
+
+# ------------------------------------------------------------------------------------------------
+# merge (expert administration), eval, demo
+
+
+def _merge_average(a):
+    from .experts import average
+
+    print(average(a.run, a.to, a.weights if a.weights in ("uniform", "sizes")
+                  else [float(v) for v in a.weights.split(",")]))
+
+
+def _merge_add(a):
+    from .corpus import read_documents
+    from .experts import add_expert
+
+    print(f"added expert {add_expert(a.run, a.expert, [d.text for d in read_documents(a.docs)])}")
+
+
+def _merge_remove(a):
+    from .experts import remove_expert
+
+    remove_expert(a.run, a.expert)
+
+
+def _merge_export(a):
+    from .experts import export
+
+    print(export(a.run, a.to, a.top_k, a.temperature))
+
+
+def _add_merge(sub) -> None:
+    m = sub.add_parser("merge", help="BTM operations: average experts, add or remove one, export the ensemble")
+    msub = m.add_subparsers(dest="action", required=True)
+    a = msub.add_parser("average", help="parameter average of the experts as one model")
+    _run_arg(a, "run directory")
+    a.add_argument("--to", required=True, help="new (or empty) directory of the averaged model, outside the run")
+    a.add_argument("--weights", default="uniform", help="uniform, sizes, or comma-separated numbers")
+    a.set_defaults(fn=_merge_average)
+    d = msub.add_parser("add", help="add a trained expert with a centre from documents of its domain")
+    _run_arg(d, "run directory")
+    d.add_argument("--expert", required=True, help="the expert's save_pretrained directory (copied into the run)")
+    d.add_argument("--docs", nargs="+", required=True, help="corpus files of the expert's domain (its centre)")
+    d.set_defaults(fn=_merge_add)
+    r = msub.add_parser("remove", help="drop an expert from the ensemble")
+    _run_arg(r, "run directory")
+    r.add_argument("--expert", type=int, required=True)
+    r.set_defaults(fn=_merge_remove)
+    e = msub.add_parser("export", help="write the ensemble's manifest (JSON)")
+    _run_arg(e, "run directory")
+    e.add_argument("--to", required=True, help="JSON file to write")
+    e.add_argument("--top-k", type=positive_int, default=defaults.TOP_K)
+    e.add_argument("--temperature", type=float, default=defaults.TEMPERATURE)
+    e.set_defaults(fn=_merge_export)
 
 
 def _eval(a):
@@ -42,49 +309,14 @@ def _demo(a):
     run_demo(a.out, budget=a.budget, corpus=a.corpus or None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cbtm", description="Cluster-Branch-Train-Merge: cluster a corpus, "
-                                "train one expert LM per cluster, merge them as a sparse ensemble.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    cl = sub.add_parser("cluster", help="cluster a corpus into domains (tf-idf -> SVD -> balanced k-means)")
-    csub = cl.add_subparsers(dest="action", required=True)
-    corpus_help = "JSONL(.gz) / text files, directories or globs (default: the embedded 8-domain corpus)"
-
-    f = csub.add_parser("fit", help="fit the router on a sample of the training split")
-    f.add_argument("corpus", nargs="*", help=corpus_help)
-    f.add_argument("--out", required=True, help="run directory")
-    f.add_argument("-k", type=int, required=True, help="number of clusters (experts)")
-    f.add_argument("--sample", type=int, default=200_000, help="documents sampled to fit (default 200k)")
-    f.add_argument("--n-components", type=int, default=100, help="SVD dimensions (default 100)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--max-iter", type=int, default=20, help="k-means iterations")
-    f.add_argument("--unbalanced", action="store_true", help="plain k-means instead of balanced")
-    f.add_argument("--text-field", default="text")
-    f.add_argument("--id-field", default="id")
-    f.add_argument("--valid-fraction", type=float, default=0.05, help="documents held out for validation")
-    f.set_defaults(fn=_cluster_fit)
-
-    s = csub.add_parser("assign", help="assign every document to a cluster, shard by shard (resumable)")
-    s.add_argument("corpus", nargs="*", help="default: the corpus the router was fitted on")
-    s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--nearest", action="store_true", help="nearest centre instead of balanced (price) assignment")
-    s.add_argument("--backend", choices=("local", "ray"), default="local")
-    s.add_argument("--workers", type=int, default=None, help="parallel shards (default: CPU count)")
-    s.add_argument("--ray-address", default=None, help="address of an existing Ray cluster")
-    s.add_argument("--write-docs", action="store_true", help="also write the documents split per cluster")
-    s.add_argument("--label-field", default=None, help="metadata field with gold labels (report purity / NMI)")
-    s.set_defaults(fn=_cluster_assign)
-
-    r = csub.add_parser("report", help="print the cluster report of a run")
-    r.add_argument("--out", required=True, help="run directory")
-    r.set_defaults(fn=_cluster_report)
-
+def _add_eval_demo(sub) -> None:
     e = sub.add_parser("eval", help="validation perplexity of runs (dense and ensembles at several top-k)")
     e.add_argument("runs", nargs="+", help="run directories, optionally named: NAME=DIR")
-    e.add_argument("--top-k", default="1,2,4,all", help="comma-separated top-k values (default 1,2,4,all)")
-    e.add_argument("--max-docs", type=int, default=None, help="evaluate on the first N validation documents")
-    e.add_argument("--temperature", type=float, default=0.1, help="router temperature T (default 0.1)")
+    e.add_argument("--top-k", default=",".join(defaults.TOP_KS),
+                   help=f"comma-separated top-k values (default {','.join(defaults.TOP_KS)})")
+    e.add_argument("--max-docs", type=positive_int, default=None, help="evaluate on the first N validation documents")
+    e.add_argument("--temperature", type=float, default=defaults.TEMPERATURE,
+                   help=f"router temperature T (default {defaults.TEMPERATURE})")
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default=None, help="run directory whose reports/ receives eval.* (default: the first)")
     e.set_defaults(fn=_eval)
@@ -96,10 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--corpus", nargs="*", default=None, help="corpus files (default: the embedded corpus)")
     d.set_defaults(fn=_demo)
 
-    from . import merge, train
 
-    train.add_cli(sub)
-    merge.add_cli(sub)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cbtm", description="Cluster-Branch-Train-Merge: cluster a corpus, "
+                                "train one expert LM per cluster, merge them as a sparse ensemble.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_cluster(sub)
+    _add_train(sub)
+    _add_merge(sub)
+    _add_eval_demo(sub)
     return p
 
 
@@ -107,7 +344,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError) as e:
         print(f"cbtm: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,19 +26,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import ops
-from .corpus import CorpusReport, default_corpus_path, fingerprint, list_shards, read_documents, split_of
+from . import defaults
+from .assignments import corpus_paths, read_assignments
+from .corpus import CorpusReport, fingerprint, list_shards, read_documents, split_of
 from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
 from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
 
 _BATCH = 4096  # documents embedded and assigned at once
-
-
-def _corpus_paths(corpus) -> list[str]:
-    if corpus is None:
-        return [str(default_corpus_path())]
-    paths = corpus if isinstance(corpus, (list, tuple)) else [corpus]
-    return [str(p) for p in paths]
 
 
 def load_router(run: str | Path | RunDir) -> tuple[TfidfEmbedder, BalancedKMeans]:
@@ -60,19 +55,33 @@ def _router_fingerprint(run: RunDir) -> str:
 # fit
 
 
-def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = 200_000, n_components: int = 100,
-        seed: int = 0, balanced: bool = True, max_iter: int = 20, text_field: str = "text", id_field: str = "id",
-        valid_fraction: float = 0.05, embedder: TfidfEmbedder | None = None, progress: bool = True) -> dict:
+def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defaults.SAMPLE,
+        n_components: int = defaults.N_COMPONENTS, seed: int = defaults.SPLIT_SEED, balanced: bool = True,
+        max_iter: int = defaults.MAX_ITER, text_field: str = "text", id_field: str = "id",
+        valid_fraction: float = defaults.VALID_FRACTION, embedder: TfidfEmbedder | None = None,
+        force: bool = False, progress: bool = True) -> dict:
     """Fit the embedder and BalancedKMeans on up to ``sample`` training documents (reservoir
     sample, seeded) and write them to ``out/router`` with the manifest. Returns a summary dict.
     ``embedder``: reuse a fitted embedder (e.g. another run's, to compare several k) instead of
-    fitting one."""
-    if int(k) != k or k < 1:
+    fitting one. A run that already has assignments or experts is refitted only with ``force``,
+    which drops them from the manifest (their files stay): they belong to the old router and split."""
+    if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if sample < k:
         raise ValueError(f"sample ({sample}) must be at least k ({k})")
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    existing = RunDir(out)
+    dependent = [s for s in ("assignments", "tokenizer", "train", "seed", "experts")
+                 if existing.exists() and existing.manifest().get(s)]
+    if dependent and not force:
+        raise ValueError(f"{existing.path} already has {', '.join(dependent)} made with its current router: "
+                         "refitting would route them with other centres and change the validation split. "
+                         "Cluster into a new run directory, or pass --force to refit and drop them from the manifest")
     t0 = time.perf_counter()
-    paths = _corpus_paths(corpus)
+    paths = corpus_paths(corpus)
     report = CorpusReport()
     rng = random.Random(seed)
     texts: list[str] = []
@@ -100,6 +109,8 @@ def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = 200_0
         print(f"fitting {'balanced ' if balanced else ''}k-means, k={k} ...", flush=True)
     km = BalancedKMeans(k, balanced=balanced, max_iter=max_iter, seed=seed).fit(x)
     run = RunDir(out)
+    if dependent:
+        run.drop(*dependent)
     run.router.mkdir(parents=True, exist_ok=True)
     embedder.save(run.router)
     km.save(run.router)
@@ -198,13 +209,15 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
     killed run restarted with the same command resumes and ends with identical output."""
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
+        raise ValueError(f"--workers must be a positive integer, got {workers!r}")
     t0 = time.perf_counter()
     run = RunDir(out)
     manifest = run.manifest()
     cfg = manifest.get("cluster")
     if cfg is None:
         raise FileNotFoundError(f"{run.manifest_path} has no fitted router: run `cbtm cluster fit` first")
-    paths = _corpus_paths(corpus if corpus is not None else manifest.get("corpus", {}).get("paths"))
+    paths = corpus_paths(corpus if corpus is not None else manifest.get("corpus", {}).get("paths"))
     shards = list_shards(paths)
     router_fp = _router_fingerprint(run)
     run.assignments.mkdir(parents=True, exist_ok=True)
@@ -247,7 +260,9 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
                "capacity": int(sum(-(-r["documents"] // k) for r in results)),
                "skipped_lines": int(sum(r["skipped_lines"] for r in results)), "balanced": balanced,
                "backend": backend, "train_sizes": sizes[:, 0].tolist(), "valid_sizes": sizes[:, 1].tolist(),
-               "label_field": label_field, "write_docs": write_docs,
+               "label_field": label_field, "write_docs": write_docs, "k": int(k),
+               "text_field": cfg["text_field"], "id_field": cfg["id_field"],
+               "valid_fraction": cfg["valid_fraction"], "seed": cfg["seed"],
                "shard_keys": [shard_key(s) for s in shards], "seconds": round(time.perf_counter() - t0, 2)}
     run.update(assignments=summary)
     if progress:
@@ -257,7 +272,7 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
 
 
 def _run_ray(run_path: str, todo: list, base: dict, n_workers: int, address: str | None, bar) -> list:
-    from .backends import ray_session
+    from .ray_backend import ray_session
 
     with ray_session(address, n_workers) as ray:
         task = ray.remote(max_retries=2)(_assign_shard)
@@ -271,20 +286,6 @@ def _run_ray(run_path: str, todo: list, base: dict, n_workers: int, address: str
 
 # ------------------------------------------------------------------------------------------------
 # report
-
-
-def read_assignments(out: str | Path) -> list[dict]:
-    """Every assignment record of the run's shards (in shard order)."""
-    run = RunDir(out)
-    keys = run.manifest().get("assignments", {}).get("shard_keys")
-    if not keys:
-        raise FileNotFoundError(f"{run.path} has no assignments: run `cbtm cluster assign` first")
-    recs = []
-    for key in keys:
-        path = run.assignments / f"{key}.jsonl"
-        with open(path, encoding="utf-8") as fh:
-            recs.extend(json.loads(line) for line in fh if line.strip())
-    return recs
 
 
 def top_terms(embedder: TfidfEmbedder, centers: np.ndarray, n: int = 10) -> list[list[str]]:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cluster, data, evaluate, train
-from .corpus import default_corpus_path, read_documents
+from . import cluster, evaluate, models, tokens
+from .assignments import corpus_paths, read_assignments, write_assignments
+from .corpus import read_documents
 from .kmeans import BalancedKMeans
 from .rundir import RunDir, atomic_write_json, atomic_write_text
+from .training import train_dense, train_experts
 
 # total_tokens: T, the budget of every compared run; seed_tokens: the shared seed phase;
 # scales: multiples of T also run for the "best k grows with the budget" claim.
@@ -43,7 +45,7 @@ def _log(progress: bool, msg: str) -> None:
 
 def _records(out: Path, assign) -> list[dict]:
     """(id, cluster, split) of every document of a clustered run, with assign(rec) -> new cluster."""
-    return [{"id": r["id"], "cluster": assign(r), "split": r["split"]} for r in cluster.read_assignments(out)]
+    return [{"id": r["id"], "cluster": assign(r), "split": r["split"]} for r in read_assignments(out)]
 
 
 def _router_from_groups(run: Path, embedder, corpus, records: list[dict], k: int) -> None:
@@ -57,11 +59,8 @@ def _router_from_groups(run: Path, embedder, corpus, records: list[dict], k: int
             labels.append(group[doc.id])
     x = embedder.transform(texts)  # (n, D)
     labels = np.asarray(labels)
-    km = BalancedKMeans(k, balanced=False, seed=0)
-    km.cluster_centers_ = np.stack([x[labels == c].mean(0) for c in range(k)]).astype(np.float32)
-    km.prices_ = np.zeros(k, np.float32)
-    km.counts_ = np.bincount(labels, minlength=k).astype(np.int64)
-    km.n_features_in_, km.inertia_, km.n_iter_, km.inertia_history_ = x.shape[1], 0.0, 0, []
+    km = BalancedKMeans.from_centers(np.stack([x[labels == c].mean(0) for c in range(k)]).astype(np.float32),
+                                     counts=np.bincount(labels, minlength=k), balanced=False)
     embedder.save(RunDir(run).router)
     km.save(RunDir(run).router)
 
@@ -104,7 +103,7 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool) -> dict[str, Path
     if not (RunDir(rand).router / "kmeans.json").is_file():
         _log(progress, "random equal split, k=4")
         recs = _random_equal(_records(base, lambda r: 0), 4)
-        data.write_assignments(rand, recs, corpus, k=4, name="random", source="random equal split")
+        write_assignments(rand, recs, corpus, k=4, name="random", source="random equal split")
         _router_from_groups(rand, embedder, corpus, recs, 4)
     runs["random-k4"] = rand
 
@@ -116,7 +115,7 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool) -> dict[str, Path
         if not (RunDir(gold).router / "kmeans.json").is_file():
             _log(progress, f"gold metadata split: {len(names)} domains")
             recs = _records(base, lambda r: names.index(labels[r["id"]]))
-            data.write_assignments(gold, recs, corpus, k=len(names), name="gold", source="gold domain labels")
+            write_assignments(gold, recs, corpus, k=len(names), name="gold", source="gold domain labels")
             _router_from_groups(gold, embedder, corpus, recs, len(names))
         runs["gold"] = gold
     return runs
@@ -128,31 +127,29 @@ def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, sc
     seed_run = out / "seed"
     seed = seed_run / "experts" / "expert_000"
     _log(progress, f"seed phase: a dense {cfg['model_size']} model on {cfg['seed_tokens']:,} tokens")
-    train.train_dense(seed_run, cfg["seed_tokens"], corpus=corpus, model_size=cfg["model_size"], **settings)
+    train_dense(seed_run, cfg["seed_tokens"], corpus=corpus, model_size=cfg["model_size"], **settings)
     if not (seed / "tokenizer_config.json").is_file():
-        data.load_tokenizer(RunDir(seed_run).tokenizer).save_pretrained(seed)  # the seed carries its tokenizer
+        tokens.load_tokenizer(RunDir(seed_run).tokenizer).save_pretrained(seed)  # the seed carries its tokenizer
     total = cfg["total_tokens"] * scale
     trained = {}
     suffix = "" if scale == 1 else f"-x{scale}"
     for name, run in runs.items():
         target = run if scale == 1 else _scaled_copy(run, scale)
         _log(progress, f"{name}{suffix}: {total:,} tokens in all")
-        k = len(RunDir(target).manifest()["assignments"]["train_sizes"])
+        k = RunDir(target).section("assignments")["k"]
         # tiny CPU models: experts in parallel processes of one thread each beat threads within one
         parallel = min(k, os.cpu_count() or 1) if cfg.get("parallel") else 1
-        train.train_experts(target, total, seed_model=seed, parallel=parallel, **settings)
+        train_experts(target, total, seed_model=seed, parallel=parallel, **settings)
         trained[name + suffix] = target
     dense = out / f"dense{suffix}"
     _log(progress, f"dense{suffix}: {total:,} tokens")
-    train.train_dense(dense, total, corpus=corpus, seed_model=seed, **settings)
+    train_dense(dense, total, corpus=corpus, seed_model=seed, **settings)
     trained["dense" + suffix] = dense
     return trained
 
 
 def _lr(cfg: dict) -> float:
-    from .models import default_lr
-
-    return default_lr(cfg["model_size"])
+    return models.default_lr(cfg["model_size"])
 
 
 def _scaled_copy(run: Path, scale: int) -> Path:
@@ -213,7 +210,7 @@ def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
 
 
 def _n_experts(run) -> int | None:
-    return None if run is None else len(RunDir(run).manifest()["experts"])
+    return None if run is None else len(RunDir(run).expert_entries())
 
 
 def _markdown(report: dict) -> str:
@@ -241,8 +238,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     cfg = BUDGETS[budget]
     t0 = time.perf_counter()
     out = Path(out)
-    corpus = [str(default_corpus_path())] if corpus is None else [str(c) for c in
-                                                                  (corpus if isinstance(corpus, (list, tuple)) else [corpus])]
+    corpus = corpus_paths(corpus)
     runs = prepare_runs(out, corpus, progress)
     trained = {}
     for scale in cfg["scales"]:

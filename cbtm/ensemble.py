@@ -17,11 +17,39 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import ops
+from . import defaults, models, ops
 from .router import Router, keep_top_k
 from .rundir import RunDir
+from .assignments import validation_texts
+from .tokens import load_tokenizer
 
 KINDS = ("cluster", "uniform", "posterior")
+
+
+def resolve_devices(device: str | Sequence[str]) -> list[str]:
+    """A device or list of devices; "cuda" means every visible GPU. Unusable devices are errors."""
+    names = [device] if isinstance(device, str) else list(device)
+    if not names:
+        raise ValueError("no devices given")
+    out = []
+    for name in names:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count()
+            if n == 0:
+                raise ValueError(f"device {name!r} requested but no CUDA device is available")
+            if dev.index is None:
+                out += [f"cuda:{i}" for i in range(n)]
+                continue
+            if dev.index >= n:
+                raise ValueError(f"device {name!r} requested but only {n} CUDA devices are visible")
+        elif dev.type != "cpu":
+            raise ValueError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+        out.append(str(dev))
+    return out
 
 
 class ExpertPool:
@@ -29,7 +57,7 @@ class ExpertPool:
     is set, evicted least-recently-used (for more experts than fit in memory at once)."""
 
     def __init__(self, paths: Sequence[str | Path], devices: Sequence[str], max_loaded: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, digests: Sequence[str | None] | None = None):
         if not paths:
             raise ValueError("an ensemble needs at least one expert")
         for p in paths:
@@ -38,6 +66,7 @@ class ExpertPool:
         if max_loaded is not None and max_loaded < 1:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
         self.paths = [Path(p) for p in paths]
+        self.digests = list(digests) if digests is not None else [None] * len(self.paths)
         self.devices = list(devices)
         self.max_loaded, self.dtype = max_loaded, dtype
         self._loaded: OrderedDict[int, torch.nn.Module] = OrderedDict()
@@ -50,18 +79,13 @@ class ExpertPool:
         return torch.device(self.devices[j % len(self.devices)])
 
     def get(self, j: int) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
         if j in self._loaded:
             self._loaded.move_to_end(j)
             return self._loaded[j]
         if self.max_loaded is not None:
             while len(self._loaded) >= self.max_loaded:
                 self._loaded.popitem(last=False)
-        kw = {"dtype": self.dtype} if self.dtype is not None else {}
-        hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(self.paths[j], local_files_only=True, **kw)
+        model = models.load_model(self.paths[j], self.dtype, sha256=self.digests[j])
         model.to(self.device(j)).eval()
         self.loads += 1
         self._loaded[j] = model
@@ -69,14 +93,7 @@ class ExpertPool:
 
     def context_length(self) -> int:
         """The smallest maximum context of the experts (read from their configs)."""
-        from transformers import AutoConfig
-
-        lengths = []
-        for p in self.paths:
-            cfg = AutoConfig.from_pretrained(p, local_files_only=True)
-            n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-            lengths.append(int(n) if n else 1024)
-        return min(lengths)
+        return min(models.context_length(models.load_config(p)) or 1024 for p in self.paths)
 
 
 class Ensemble:
@@ -91,21 +108,23 @@ class Ensemble:
 
     def __init__(self, experts: Sequence[str | Path], tokenizer, router: Router | None = None, kind: str = "cluster",
                  top_k: int | None = None, devices: Sequence[str] = ("cpu",), max_loaded: int | None = None,
-                 dtype: torch.dtype | None = None, prior: np.ndarray | None = None, batch_size: int = 8):
+                 dtype: torch.dtype | None = None, prior: np.ndarray | None = None,
+                 batch_size: int = defaults.EVAL_BATCH, digests: Sequence[str | None] | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kind == "cluster" and router is None:
             raise ValueError("kind='cluster' needs a router")
-        self.pool = ExpertPool(experts, devices, max_loaded, dtype)
+        self.pool = ExpertPool(experts, devices, max_loaded, dtype, digests)
         k = len(self.pool)
         if router is not None and router.n_experts != k:
             raise ValueError(f"the router has {router.n_experts} centres but there are {k} experts")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        self.tokenizer, self.router, self.kind = tokenizer, router, kind
+        self.tokenizer, self.kind = tokenizer, kind
         self.top_k = None if top_k is None or top_k >= k else int(top_k)
-        if router is not None:
-            router.top_k = self.top_k
+        if router is not None:  # a copy: the caller's router keeps its own top_k
+            router = Router(router.embedder, router.centers, router.temperature, self.top_k, router.official_distance)
+        self.router = router
         self.prior = np.full(k, 1.0 / k) if prior is None else np.asarray(prior, np.float64)
         self.batch_size = int(batch_size)
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -116,34 +135,33 @@ class Ensemble:
         self.expert_calls = [0] * k  # rows each expert has processed (tests check sparsity with it)
 
     @classmethod
-    def load(cls, run: str | Path, top_k: int | None = 2, temperature: float = 0.1, kind: str = "cluster",
-             device: str | Sequence[str] = "cpu", max_loaded: int | None = None, official_distance: bool = False,
-             dtype: torch.dtype | None = None, batch_size: int = 8) -> "Ensemble":
+    def load(cls, run: str | Path, top_k: int | None = defaults.TOP_K, temperature: float = defaults.TEMPERATURE,
+             kind: str = "cluster", device: str | Sequence[str] = "cpu", max_loaded: int | None = None,
+             official_distance: bool = False, dtype: torch.dtype | None = None,
+             batch_size: int = defaults.EVAL_BATCH) -> "Ensemble":
         """The experts, tokenizer and router of a trained run directory. ``device`` is a device or a
-        list of devices ("cuda" means every visible GPU)."""
-        from transformers import AutoTokenizer
-
-        run = RunDir(run)
-        manifest = run.manifest()
-        entries = manifest.get("experts")
+        list of devices ("cuda" means every visible GPU). Expert paths must stay inside the run and
+        their weights match the checksums the manifest recorded."""
+        run = RunDir.of(run)
+        entries = run.expert_entries()
         if not entries:
             raise FileNotFoundError(f"{run.path} has no trained experts: run `cbtm train` first")
-        missing = [e["id"] for e in entries if e.get("status") != "done"]
+        missing = [e["id"] for e in entries if e["status"] != "done"]
         if missing:
             raise ValueError(f"experts {missing} of {run.path} are not trained (status != done)")
-        entries = sorted(entries, key=lambda e: e["id"])
-        paths = [run.path / e["path"] for e in entries]
+        paths = [run.resolve(e["path"]) for e in entries]
         router = None
         if kind == "cluster":
             full = Router.load(run.path, temperature=temperature, official_distance=official_distance)
             clusters = [int(e.get("cluster", e["id"])) for e in entries]
+            bad = [c for c in clusters if not 0 <= c < full.n_experts]
+            if bad:
+                raise ValueError(f"{run.manifest_path}: experts name clusters {bad} but the router has "
+                                 f"{full.n_experts} centres")
             router = Router(full.embedder, full.centers[clusters], temperature, None, official_distance)
-        if isinstance(device, str):
-            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else [device]
-        else:
-            devices = list(device)
-        tok = AutoTokenizer.from_pretrained(run.tokenizer, local_files_only=True)
-        return cls(paths, tok, router, kind, top_k, devices, max_loaded, dtype, batch_size=batch_size)
+        devices = resolve_devices(device)
+        return cls(paths, load_tokenizer(run.tokenizer), router, kind, top_k, devices, max_loaded, dtype,
+                   batch_size=batch_size, digests=[e.get("sha256") for e in entries])
 
     @property
     def n_experts(self) -> int:
@@ -301,6 +319,9 @@ class Ensemble:
         if n == 0:
             raise ValueError("no tokens to score")
         nll = -float(sum(s.double().sum() for s in scores)) / n
+        if not math.isfinite(nll):
+            raise ValueError(f"the ensemble's log-likelihood is {nll}: an expert produced non-finite outputs "
+                             "(damaged weights?)")
         return {"perplexity": math.exp(nll), "nll": nll, "tokens": n, "documents": len(scores)}
 
     # ---------------------------------------------------------------------------------------
@@ -387,22 +408,3 @@ def _as_texts(texts) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"texts must be str, got {type(t).__name__}")
     return texts
-
-
-def validation_texts(run: str | Path, limit: int | None = None) -> list[str]:
-    """The validation-split documents of a run directory's corpus (same split as its training)."""
-    from .corpus import read_documents, split_of
-
-    manifest = RunDir(run).manifest()
-    cfg = manifest.get("cluster") or manifest.get("data") or {}
-    paths = manifest.get("corpus", {}).get("paths")
-    if not paths:
-        raise FileNotFoundError(f"{run}: the manifest names no corpus")
-    vf, seed = cfg.get("valid_fraction", 0.05), cfg.get("seed", 0)
-    out = []
-    for doc in read_documents(paths, text_field=cfg.get("text_field", "text"), id_field=cfg.get("id_field", "id")):
-        if split_of(doc.id, vf, seed) == "valid":
-            out.append(doc.text)
-            if limit is not None and len(out) >= limit:
-                break
-    return out

@@ -10,10 +10,12 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from .ensemble import Ensemble, mix, validation_texts
+from . import defaults
+from .assignments import check_held_out, validation_documents
+from .ensemble import Ensemble, mix
 from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text
 
-TOP_KS = ("1", "2", "4", "all")
+TOP_KS = defaults.TOP_KS
 
 
 def _parse_top_ks(top_ks) -> list[str]:
@@ -26,15 +28,14 @@ def _parse_top_ks(top_ks) -> list[str]:
     return out
 
 
-def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperature: float = 0.1,
-                 device: str = "cpu", batch_size: int = 8) -> dict:
+def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperature: float = defaults.TEMPERATURE,
+                 device: str = "cpu", batch_size: int = defaults.EVAL_BATCH) -> dict:
     """Perplexity of one run on texts for every top-k (a one-expert run: only "all").
 
     Every expert scores every token once; each top-k mixture is then formed from those
     log-probs with the router's weights, which equals what the sparse ensemble computes."""
-    manifest = RunDir(run).manifest()
-    k = len(manifest.get("experts") or [])
-    routed = k > 1 and (Path(run) / "router" / "kmeans.json").is_file()
+    run = RunDir.of(run)
+    routed = len(run.expert_entries()) > 1 and (run.router / "kmeans.json").is_file()
     ens = Ensemble.load(run, top_k=None, temperature=temperature, kind="cluster" if routed else "uniform",
                         device=device, batch_size=batch_size)
     scored = ens.expert_logprobs(texts)
@@ -47,21 +48,28 @@ def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperatu
         if top_k is not None and top_k >= ens.n_experts and t != str(ens.n_experts):
             continue  # e.g. top-4 of 2 experts is the same as all
         nll = -sum(float(mix(lp, w, top_k).sum()) for lp, w in scored) / n_tok
+        if not math.isfinite(nll):
+            raise ValueError(f"{run.path}: the log-likelihood at top-{t} is {nll}: an expert produced "
+                             "non-finite outputs (damaged weights?)")
         result["perplexity"][t] = math.exp(nll)
     return result
 
 
-def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = None, temperature: float = 0.1,
-             device: str = "cpu", progress: bool = True) -> dict:
-    """Evaluate named runs (name -> run directory) on the validation split of the first run's
-    corpus; write ``out/reports/eval.{json,md,png}`` and return the JSON dict."""
+def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = None,
+             temperature: float = defaults.TEMPERATURE, device: str = "cpu", progress: bool = True) -> dict:
+    """Evaluate named runs (name -> run directory) on the validation documents of the first run's
+    assignment records (checked to be validation documents of every run too); write
+    ``out/reports/eval.{json,md,png}`` and return the JSON dict."""
     if not runs:
         raise ValueError("no runs to evaluate")
     t0 = time.perf_counter()
     first = next(iter(runs.values()))
-    texts = validation_texts(first, limit=max_docs)
-    if not texts:
+    docs = validation_documents(first, limit=max_docs)
+    if not docs:
         raise ValueError(f"{first}: the validation split is empty")
+    for path in runs.values():
+        check_held_out(path, [i for i, _ in docs])
+    texts = [t for _, t in docs]
     results = {}
     for name, path in tqdm(list(runs.items()), desc="evaluating", unit="run", disable=not progress):
         results[name] = evaluate_run(path, texts, top_ks, temperature, device)

@@ -1,15 +1,20 @@
 """Expert models: named small Llama-style configs trained from scratch, or a local seed checkpoint.
 
 Every model is a ``transformers`` causal LM saved with ``save_pretrained`` (config.json +
-model.safetensors). Nothing here downloads: seed models load with ``local_files_only=True``.
+model.safetensors). This module is the one place models and configs are read: nothing downloads
+(``local_files_only=True``), no code from a model directory ever runs (``trust_remote_code=False``),
+and only safetensors weights are accepted (no pickle).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # name -> (hidden size, layers, heads, MLP size, context, default peak learning rate)
 SIZES: dict[str, tuple[int, int, int, int, int, float]] = {
@@ -42,6 +47,7 @@ def config_for(size: str, tokenizer):
 
 def new_model(size: str, tokenizer, seed: int = 0):
     """A freshly initialised model of a named size; the same ``seed`` gives the same weights."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = config_for(size, tokenizer)
@@ -50,29 +56,68 @@ def new_model(size: str, tokenizer, seed: int = 0):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A local Hugging Face causal LM directory (any architecture AutoModelForCausalLM knows)."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
+def _check_model_dir(path: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"seed model not found: {path}")
+        raise FileNotFoundError(f"model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory "
                                 "(expected save_pretrained output: config.json + model.safetensors)")
+
+
+def load_config(path: str | Path):
+    """The model config of a local directory, without running any code it names."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    _check_model_dir(path)
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the model config {path / 'config.json'}: {e}") from None
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 over the directory's safetensors weight files (names and bytes), for integrity checks."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(path: str | Path, dtype: "torch.dtype | None" = None, sha256: str | None = None):
+    """A local Hugging Face causal LM directory (any architecture transformers itself implements):
+    safetensors weights only, no custom code; ``dtype`` default float32; ``sha256``: the expected
+    :func:`weights_digest`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    config = load_config(path)
+    if sha256 is not None and weights_digest(path) != sha256:
+        raise ValueError(f"the weights in {path} do not match the checksum recorded in the run's manifest: "
+                         "the files are damaged or were replaced; retrain the expert (--restart) or restore them")
+    kw = {"dtype": torch.float32 if dtype is None else dtype}
     try:
         with quiet():
-            return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a causal LM from {path}: {e}") from e
+            return AutoModelForCausalLM.from_pretrained(str(path), config=config, local_files_only=True,
+                                                        trust_remote_code=False, use_safetensors=True, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"cannot load a causal LM from {path}: {e}") from None
 
 
 def save(model, out: str | Path) -> Path:
-    """``model.save_pretrained`` into directory ``out``, replacing it atomically."""
-    from .data import save_dir
+    """``model.save_pretrained`` into directory ``out`` (new, empty, or a previous cbtm model),
+    replacing it atomically."""
+    from .rundir import replace_dir
 
     with quiet():
-        return save_dir(out, model.save_pretrained)
+        return replace_dir(out, model.save_pretrained, "model")
 
 
 @contextlib.contextmanager

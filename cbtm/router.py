@@ -9,8 +9,11 @@ from typing import Sequence
 
 import numpy as np
 
+from . import defaults
+from .assignments import iter_documents
 from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
+from .rundir import RunDir
 
 
 def keep_top_k(w: np.ndarray, top_k: int | None) -> np.ndarray:
@@ -32,7 +35,7 @@ class Router:
         distance); the default is the paper's formula.
     """
 
-    def __init__(self, embedder: TfidfEmbedder, centers: np.ndarray, temperature: float = 0.1,
+    def __init__(self, embedder: TfidfEmbedder, centers: np.ndarray, temperature: float = defaults.TEMPERATURE,
                  top_k: int | None = None, official_distance: bool = False):
         centers = np.asarray(centers, np.float32)
         if centers.ndim != 2 or centers.shape[1] != embedder.n_components:
@@ -47,7 +50,7 @@ class Router:
     @classmethod
     def load(cls, run: str | Path, **kw) -> "Router":
         """The router of a run directory (``router/embedder.*`` and ``router/kmeans.*``)."""
-        router = Path(run) / "router"
+        router = RunDir.of(run).router
         if not (router / "kmeans.json").is_file():
             raise FileNotFoundError(f"{router} holds no fitted router: run `cbtm cluster fit` first")
         return cls(TfidfEmbedder.load(router), BalancedKMeans.load(router).cluster_centers_, **kw)
@@ -73,3 +76,27 @@ class Router:
         """Per text, the weights of the context ``text[:c]`` for each offset c: (len(offsets), K)."""
         embs = self.embedder.prefix_embeddings_batch(texts, char_offsets)
         return [self.weights(e) for e in embs]
+
+
+def mixture_weights(run, cluster: int, sources: Sequence[int], temperature: float = defaults.TEMPERATURE,
+                    max_documents: int = 1000) -> list[float]:
+    """BTM mixture weights of source experts for a new expert of ``cluster``: the mean over the
+    cluster's training documents of ``softmax_j(-||x - c_j||^2 / T)`` over the sources' centres."""
+    run = RunDir.of(run)
+    entries = {e["id"]: e for e in run.expert_entries()}
+    missing = [s for s in sources if s not in entries]
+    if missing:
+        raise ValueError(f"experts {missing} are not in {run.manifest_path}")
+    router = Router.load(run, temperature=temperature)
+    centres = [int(entries[s].get("cluster", s)) for s in sources]
+    if any(not 0 <= c < router.n_experts for c in centres):
+        raise ValueError(f"source clusters {centres} are not all router clusters 0..{router.n_experts - 1}")
+    texts = []
+    for _, _, text in iter_documents(run, {(int(cluster), "train")}):
+        texts.append(text)
+        if len(texts) >= max_documents:
+            break
+    if not texts:
+        raise ValueError(f"cluster {cluster} has no training documents to weight the mixture with")
+    sub = Router(router.embedder, router.centers[centres], temperature)
+    return sub.document_weights(texts).astype(np.float64).mean(0).tolist()

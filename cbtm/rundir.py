@@ -1,13 +1,22 @@
-"""The run directory every stage reads and writes, and atomic file writes.
+"""The run directory every stage reads and writes: its layout, its manifest, atomic writes.
 
 ```
-run/ cbtm.json            manifest: config, k, expert list, provenance, versions
-     router/              embedder + centres (safetensors + JSON)
-     assignments/         cluster id per document, per input shard
-     experts/expert_XXX/  Hugging Face save_pretrained directories
-     tokenizer/           the tokenizer every expert shares
-     reports/             evaluation JSON, markdown tables, plots
+run/ cbtm.json                  manifest (format cbtm.run/1): config, k, expert list, provenance
+     router/                    embedder + centres (safetensors + JSON)            cluster fit
+     assignments/               cluster id and split per document, per shard       cluster assign
+     tokenizer/                 the tokenizer every expert shares                  train
+     tokens/cluster_XXX.*       token caches per cluster                           train
+     seed/                      the model every expert branches from               train
+     init/expert_XXX/           an expert initialised as a parameter average       branch
+     experts/expert_XXX/        trained experts (save_pretrained directories)      train
+     checkpoints/<job>/step_*/  resumable training state                           train
+     logs/<job>.json            one log per training job                           train
+     reports/                   evaluation JSON, markdown tables, plots            eval, report
 ```
+
+:class:`RunDir` is the only writer of the manifest. The manifest is checked against a schema when
+it is read (types of every known field, expert entries, paths that stay inside the run), so a
+damaged or crafted manifest is an error naming the file, never a KeyError deep in a stage.
 """
 
 from __future__ import annotations
@@ -16,10 +25,27 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 MANIFEST = "cbtm.json"
+FORMAT = "cbtm.run/1"
+STATUSES = ("pending", "running", "done", "failed")
+OUTPUT_MARKER = ".cbtm-output"  # written into every directory cbtm replaces atomically
+
+
+class ManifestError(ValueError):
+    """A run directory's manifest is unreadable or does not match the schema."""
+
+
+def expert_name(i: int) -> str:
+    """``expert_XXX``: the directory, job and log name of expert ``i``."""
+    return f"expert_{int(i):03d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic writes
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -51,11 +77,49 @@ def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | No
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
+def _is_output(path: Path, kind: str) -> bool:
+    try:
+        return json.loads((path / OUTPUT_MARKER).read_text()).get("kind") == kind
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def replace_dir(out: str | Path, save: Callable[[str], Any], kind: str) -> Path:
+    """``save(tmp_dir)``, then put the result at directory ``out`` (readers never see a partial one).
+
+    ``out`` may be missing, empty, or a previous output of the same ``kind`` (marked by
+    ``.cbtm-output``); anything else is refused with FileExistsError: nothing is ever deleted
+    that cbtm did not write there."""
+    out = Path(out)
+    if out.is_symlink() or out.is_file():
+        raise FileExistsError(f"refusing to replace {out}: it is a file or a link, not a cbtm output directory")
+    if out.is_dir() and any(out.iterdir()) and not _is_output(out, kind):
+        raise FileExistsError(f"refusing to replace {out}: it exists, is not empty and was not written by cbtm "
+                              f"as a {kind}; choose a new or empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    if tmp.exists():  # our own leftover from a killed process with this pid
+        shutil.rmtree(tmp)
+    save(str(tmp))
+    (tmp / OUTPUT_MARKER).write_text(json.dumps({"kind": kind}) + "\n")  # no timestamp: hashes stay stable
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
 def read_json(path: str | Path) -> Any:
+    """A JSON file; a missing file is FileNotFoundError, an invalid one ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def versions() -> dict:
@@ -75,12 +139,101 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# ------------------------------------------------------------------------------------------------
+# the manifest schema: section -> field -> accepted types (fields not listed are free)
+
+_INT, _NUM, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
+_OPT_STR = (str, type(None))
+_SCHEMA: dict[str, dict[str, tuple]] = {
+    "cluster": {"k": _INT, "seed": _INT, "valid_fraction": _NUM, "text_field": _STR, "id_field": _STR,
+                "balanced": _BOOL, "n_components": _INT},
+    "corpus": {"paths": (list,), "fingerprint": _STR},
+    "assignments": {"shard_keys": (list,), "k": _INT, "train_sizes": (list,), "valid_sizes": (list,),
+                    "text_field": _STR, "id_field": _STR, "documents": _INT, "valid_fraction": _NUM, "seed": _INT},
+    "tokenizer": {"path": _STR, "size": _INT, "source": _STR},
+    "train": {"total_tokens": _INT, "k": _INT, "per_expert_tokens": (list,), "config": (dict,), "seed_tokens": _INT},
+    "seed": {"status": _STR, "tokens": _INT},
+}
+_EXPERT = {"id": _INT, "path": _STR, "status": _STR, "cluster": _INT, "tokens": _INT, "sha256": _OPT_STR}
+
+
+def _type_ok(value, types: tuple) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # True is not an int here
+    return isinstance(value, types)
+
+
+def validate_manifest(data: Any, where: str | Path) -> dict:
+    """Check a manifest against the schema; return it, or raise ManifestError naming ``where``."""
+    def bad(msg):
+        raise ManifestError(f"{where}: {msg}")
+
+    if not isinstance(data, dict):
+        bad(f"the manifest must be a JSON object, got {type(data).__name__}")
+    fmt = data.get("format", FORMAT)
+    if not isinstance(fmt, str) or not fmt.startswith("cbtm.run/"):
+        bad(f"format {fmt!r} is not a cbtm run manifest")
+    if fmt != FORMAT:
+        bad(f"format {fmt!r} is not {FORMAT!r}: written by another version of cbtm")
+    for section, fields in _SCHEMA.items():
+        if section not in data:
+            continue
+        sec = data[section]
+        if not isinstance(sec, dict):
+            bad(f"section {section!r} must be an object, got {type(sec).__name__}")
+        for name, types in fields.items():
+            if name in sec and sec[name] is not None and not _type_ok(sec[name], types):
+                bad(f"{section}.{name} must be {'/'.join(t.__name__ for t in types)}, got {sec[name]!r}")
+    for key in ("paths", "shard_keys"):
+        for section in ("corpus", "assignments"):
+            values = (data.get(section) or {}).get(key)
+            if values is not None and not all(isinstance(v, str) for v in values):
+                bad(f"{section}.{key} must be a list of strings")
+    experts = data.get("experts", [])
+    if not isinstance(experts, list):
+        bad(f"'experts' must be a list of objects, got {type(experts).__name__}")
+    seen = set()
+    for i, e in enumerate(experts):
+        if not isinstance(e, dict):
+            bad(f"experts[{i}] must be an object, got {type(e).__name__}")
+        for name in ("id", "path", "status"):
+            if name not in e:
+                bad(f"experts[{i}] has no {name!r}")
+        for name, types in _EXPERT.items():
+            if name in e and not _type_ok(e[name], types):
+                bad(f"experts[{i}].{name} must be {'/'.join(t.__name__ for t in types)}, got {e[name]!r}")
+        if e["status"] not in STATUSES:
+            bad(f"experts[{i}].status must be one of {STATUSES}, got {e['status']!r}")
+        if e["id"] < 0 or e["id"] in seen:
+            bad(f"experts[{i}].id {e['id']} is negative or repeated")
+        seen.add(e["id"])
+        _check_inside(e["path"], f"{where}: experts[{i}].path")
+    tok = (data.get("tokenizer") or {}).get("path")
+    if tok is not None:
+        _check_inside(tok, f"{where}: tokenizer.path")
+    return data
+
+
+def _check_inside(rel: str, what: str) -> None:
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise ManifestError(f"{what} {rel!r} must be a relative path inside the run directory")
+
+
 class RunDir:
-    """A run directory and its manifest ``cbtm.json``."""
+    """A run directory: its layout and its manifest ``cbtm.json``."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @classmethod
+    def of(cls, run: "str | Path | RunDir") -> "RunDir":
+        return run if isinstance(run, RunDir) else cls(run)
+
+    # -- layout -----------------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
@@ -89,8 +242,39 @@ class RunDir:
     assignments = property(lambda self: self.path / "assignments")
     experts = property(lambda self: self.path / "experts")
     tokenizer = property(lambda self: self.path / "tokenizer")
+    tokens = property(lambda self: self.path / "tokens")
+    seed = property(lambda self: self.path / "seed")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    logs = property(lambda self: self.path / "logs")
     reports = property(lambda self: self.path / "reports")
 
+    def expert_dir(self, i: int) -> Path:
+        return self.experts / expert_name(i)
+
+    def init_dir(self, i: int) -> Path:
+        return self.path / "init" / expert_name(i)
+
+    def token_cache(self, cluster: int) -> Path:
+        return self.tokens / f"cluster_{int(cluster):03d}.safetensors"
+
+    def log_path(self, job: str) -> Path:
+        return self.logs / f"{job}.json"
+
+    def resolve(self, rel: str | Path) -> Path:
+        """``rel`` inside the run directory; a path that leaves it is a ManifestError."""
+        _check_inside(str(rel), f"{self.manifest_path}: path")
+        root = self.path.resolve()
+        full = (root / rel).resolve()
+        if full != root and root not in full.parents:
+            raise ManifestError(f"{self.manifest_path}: path {str(rel)!r} leaves the run directory (via a link)")
+        return full
+
+    def contains(self, path: str | Path) -> bool:
+        """Whether ``path`` is the run directory or inside it (after resolving links)."""
+        root, p = self.path.resolve(), Path(path).resolve()
+        return p == root or root in p.parents
+
+    # -- manifest ---------------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
@@ -99,13 +283,43 @@ class RunDir:
             raise FileNotFoundError(
                 f"{self.manifest_path} not found: {self.path} is not a cbtm run directory "
                 "(create one with `cbtm cluster fit CORPUS --out DIR -k K`)")
-        return read_json(self.manifest_path)
+        return validate_manifest(read_json(self.manifest_path), self.manifest_path)
+
+    def section(self, name: str) -> dict:
+        """One section of the manifest ({} when absent)."""
+        return self.manifest().get(name) or {}
 
     def update(self, **sections: Any) -> dict:
         """Merge top-level sections into the manifest (created if missing) and write it atomically."""
-        data = read_json(self.manifest_path) if self.exists() else {"format": "cbtm.run/1", "created": now()}
+        data = self.manifest() if self.exists() else {"format": FORMAT, "created": now()}
         data.update(sections)
         data["updated"] = now()
         data["versions"] = versions()
+        validate_manifest(data, self.manifest_path)
         atomic_write_json(self.manifest_path, data)
         return data
+
+    def drop(self, *sections: str) -> None:
+        """Remove top-level sections from the manifest (the files they describe are kept)."""
+        data = self.manifest()
+        for name in sections:
+            data.pop(name, None)
+        data["updated"] = now()
+        atomic_write_json(self.manifest_path, data)
+
+    def expert_entries(self, done_only: bool = False) -> list[dict]:
+        """The manifest's expert entries sorted by id (only the trained ones with ``done_only``)."""
+        entries = sorted(self.manifest().get("experts", []), key=lambda e: e["id"])
+        return [e for e in entries if e["status"] == "done"] if done_only else entries
+
+    def update_experts(self, updates: dict[int, dict], drop: tuple = ()) -> None:
+        """Merge fields into expert entries by id (new ids are added), removing keys ``drop`` of the
+        updated entries."""
+        entries = {e["id"]: e for e in self.manifest().get("experts", [])}
+        for i, fields in updates.items():
+            old = {k: v for k, v in entries.get(i, {"id": i}).items() if k not in drop}
+            entries[i] = {**old, **fields}
+        self.update(experts=[entries[i] for i in sorted(entries)])
+
+    def set_experts(self, entries: list[dict]) -> None:
+        self.update(experts=sorted(entries, key=lambda e: e["id"]))

@@ -38,6 +38,7 @@ def run(tmp_path_factory):
     corpus.write_text("".join(json.dumps({"id": d.id, "text": d.text, **d.meta}) + "\n" for d in docs))
     path = root / "run"
     cluster.fit(str(corpus), path, k=K, n_components=16, progress=False)
+    cluster.assign(str(corpus), path, workers=1, progress=False)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -242,15 +243,15 @@ def test_evaluate_table_plot_and_cli(run, tmp_path, capsys):
     import shutil
 
     from cbtm import evaluate
+    from cbtm.assignments import dense_records, validation_texts, write_assignments
     from cbtm.cli import main
-    from cbtm.ensemble import validation_texts
 
     dense = tmp_path / "dense"
     shutil.copytree(run / "experts" / "expert_001", dense / "experts" / "expert_000")
     shutil.copytree(run / "tokenizer", dense / "tokenizer")
     m = RunDir(run).manifest()
-    RunDir(dense).update(corpus=m["corpus"], cluster={k: m["cluster"][k] for k in ("valid_fraction", "seed")},
-                         experts=[{"id": 0, "path": "experts/expert_000", "status": "done"}])
+    RunDir(dense).update(experts=[{"id": 0, "path": "experts/expert_000", "status": "done"}])
+    write_assignments(dense, dense_records(run), m["corpus"]["paths"], k=1, name="dense")
     rep = evaluate.evaluate({"cbtm": run, "dense": dense}, tmp_path / "out", top_ks=["1", "2", "4", "all"],
                             max_docs=6, progress=False)
     texts = validation_texts(run, limit=6)
@@ -276,7 +277,7 @@ def test_btm_merge_operations(run, tmp_path, texts):
 
     from transformers import AutoModelForCausalLM
 
-    from cbtm import merge
+    from cbtm import experts as merge
     from cbtm.cli import main
 
     work = tmp_path / "run"

@@ -19,10 +19,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from cbtm import cluster, data, models, train  # noqa: E402
+from cbtm import assignments, cluster, models, tokens, training  # noqa: E402
+from cbtm.branch import branch_from_mixture  # noqa: E402
 from cbtm.cli import main  # noqa: E402
 from cbtm.corpus import default_corpus_path, read_documents  # noqa: E402
-from cbtm.merge import average_experts, average_state_dicts  # noqa: E402
+from cbtm.branch import average_experts, average_state_dicts  # noqa: E402
+from cbtm.router import mixture_weights  # noqa: E402
+from cbtm.training.job import _step_rows  # noqa: E402
 from cbtm.rundir import RunDir  # noqa: E402
 
 # tiny jobs: 32-token rows, 4 per step (128 tokens per step), one thread for bitwise determinism
@@ -40,8 +43,8 @@ def base_run(tmp_path_factory):
     run = root / "base"
     cluster.fit(str(corpus), run, k=2, n_components=16, seed=0, progress=False)
     cluster.assign(None, run, workers=1, progress=False)
-    tok = data.ensure_tokenizer(run, vocab_size=512, progress=False)
-    data.ensure_token_cache(run, [0, 1], tok, progress=False)
+    tok = tokens.ensure_tokenizer(run, vocab_size=512, progress=False)
+    tokens.ensure_token_cache(run, [0, 1], tok, progress=False)
     return run
 
 
@@ -73,7 +76,7 @@ def one_thread():
 def trained(base_run, tmp_path_factory):
     """Two experts trained compute-matched on T=3001 tokens (budgets 1501 + 1500), local backend."""
     run = fresh(base_run, tmp_path_factory.mktemp("trained"))
-    summary = train.train_experts(run, 3001, vocab_size=512, **FAST)
+    summary = training.train_experts(run, 3001, vocab_size=512, **FAST)
     return run, summary
 
 
@@ -82,52 +85,52 @@ def trained(base_run, tmp_path_factory):
 
 def test_tokenizer_and_token_cache(base_run):
     tok = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"), local_files_only=True)
-    assert len(tok) == 512 and tok.eos_token == data.EOS
+    assert len(tok) == 512 and tok.eos_token == tokens.EOS
     m = RunDir(base_run).manifest()
     assert m["tokenizer"]["source"] == "bpe" and m["tokenizer"]["size"] == 512
-    records = data.read_records(base_run)
+    records = assignments.read_records(base_run)
     for c in (0, 1):
-        ids = data.load_tokens(base_run, c, "train")
+        ids = tokens.load_tokens(base_run, c, "train")
         n_docs = sum(1 for v in records.values() if v == (c, "train"))
         assert ids.dtype == np.uint16 and (ids == tok.eos_token_id).sum() == n_docs  # EOS after every document
-        first = next(text for cc, s, text in data.iter_documents(base_run, {(c, "train")}))
+        first = next(text for cc, s, text in assignments.iter_documents(base_run, {(c, "train")}))
         end = int(np.argmax(ids == tok.eos_token_id))
         assert tok.decode(ids[:end].tolist()) == first
-        valid = data.load_tokens(base_run, c, "valid")
+        valid = tokens.load_tokens(base_run, c, "valid")
         assert (valid == tok.eos_token_id).sum() == sum(1 for v in records.values() if v == (c, "valid"))
     # the BPE is deterministic, and a cache is reused while tokenizer and assignments are unchanged
-    before = data.cache_path(base_run, 0).stat().st_mtime_ns
-    data.ensure_token_cache(base_run, [0], progress=False)
-    assert data.cache_path(base_run, 0).stat().st_mtime_ns == before
-    texts = [t for _, s, t in islice(data.iter_documents(base_run), 60)]
-    a = data.train_tokenizer(texts, base_run.parent / "tokA", 300).backend_tokenizer.to_str()
-    b = data.train_tokenizer(texts, base_run.parent / "tokB", 300).backend_tokenizer.to_str()
+    before = tokens.cache_path(base_run, 0).stat().st_mtime_ns
+    tokens.ensure_token_cache(base_run, [0], progress=False)
+    assert tokens.cache_path(base_run, 0).stat().st_mtime_ns == before
+    texts = [t for _, s, t in islice(assignments.iter_documents(base_run), 60)]
+    a = tokens.train_tokenizer(texts, base_run.parent / "tokA", 300).backend_tokenizer.to_str()
+    b = tokens.train_tokenizer(texts, base_run.parent / "tokB", 300).backend_tokenizer.to_str()
     assert a == b
 
 
 def test_block_stream_is_a_function_of_the_row():
-    tokens = np.arange(100, dtype=np.uint16)
-    s1, s2 = data.BlockStream(tokens, 10, seed=1, key=3), data.BlockStream(tokens, 10, seed=1, key=3)
+    ids = np.arange(100, dtype=np.uint16)
+    s1, s2 = tokens.BlockStream(ids, 10, seed=1, key=3), tokens.BlockStream(ids, 10, seed=1, key=3)
     rows = [s1.row(r).tolist() for r in range(25)]
     assert sorted(map(tuple, rows[:10])) == [tuple(range(i, i + 10)) for i in range(0, 100, 10)]  # one epoch
     assert rows[10:20] != rows[:10]  # reshuffled next epoch
     assert [s2.row(r).tolist() for r in (24, 3, 17)] == [rows[24], rows[3], rows[17]]  # random access
-    assert train._step_rows(2, 650, 256, 64) == [(8, 64), (9, 64), (10, 10)]  # budget ends inside a row
-    assert train.split_budget(3001, 2) == [1501, 1500] and sum(train.split_budget(10**6 + 5, 7)) == 10**6 + 5
+    assert _step_rows(2, 650, 256, 64) == [(8, 64), (9, 64), (10, 10)]  # budget ends inside a row
+    assert training.split_budget(3001, 2) == [1501, 1500] and sum(training.split_budget(10**6 + 5, 7)) == 10**6 + 5
 
 
 def test_training_steps_lower_the_loss_and_accumulation_is_exact(base_run, one_thread):
-    tok = data.load_tokenizer(base_run / "tokenizer")
-    stream = data.BlockStream(data.load_tokens(base_run, 0, "train"), 32)
+    tok = tokens.load_tokenizer(base_run / "tokenizer")
+    stream = tokens.BlockStream(tokens.load_tokens(base_run, 0, "train"), 32)
     rows = [stream.row(r) for r in range(8)]
-    cfg = train.TrainConfig(seq_len=32, batch_size=8, lr=3e-3, warmup=0.0)
-    t = train.Trainer(models.new_model("tiny", tok, seed=0), cfg, total_steps=30)
+    cfg = training.TrainConfig(seq_len=32, batch_size=8, lr=3e-3, warmup=0.0)
+    t = training.Trainer(models.new_model("tiny", tok, seed=0), cfg, total_steps=30)
     losses = [t.step(rows)["loss"] for _ in range(12)]
     assert losses[-1] < losses[0] - 1.0 and losses[0] == pytest.approx(np.log(512), abs=0.3)
     # the same global batch as 8 rows at once, or 4 micro-batches of 2 accumulated
     results = []
     for batch in (8, 2):
-        t = train.Trainer(models.new_model("tiny", tok, seed=0), train.TrainConfig(seq_len=32, batch_size=batch, lr=1e-3),
+        t = training.Trainer(models.new_model("tiny", tok, seed=0), training.TrainConfig(seq_len=32, batch_size=batch, lr=1e-3),
                           total_steps=3)
         for _ in range(2):
             t.step(rows)
@@ -144,7 +147,7 @@ def test_compute_matching_manifest_and_outputs(trained):
     assert m["seed"]["source"] == "config" and (run / "seed" / "model.safetensors").is_file()
     for e in m["experts"]:
         assert e["status"] == "done" and e["final_valid_loss"] > 0 and e["params"] > 0 and e["seconds"] > 0
-        assert sorted(os.listdir(run / e["path"])) == ["config.json", "generation_config.json", "model.safetensors"]
+        assert sorted(os.listdir(run / e["path"])) == [".cbtm-output", "config.json", "generation_config.json", "model.safetensors"]
         log = json.loads((run / e["log"]).read_text())
         assert log["status"] == "done" and log["tokens_trained"] == e["tokens"] and log["valid"]
         assert log["valid"][-1]["valid_loss"] == e["final_valid_loss"]
@@ -155,7 +158,7 @@ def test_compute_matching_manifest_and_outputs(trained):
     assert model(ids).logits.shape == (1, ids.shape[1], 512)
     # rerunning the same call skips finished experts
     t0 = time.perf_counter()
-    again = train.train_experts(run, 3001, vocab_size=512, **FAST)
+    again = training.train_experts(run, 3001, vocab_size=512, **FAST)
     assert [e["final_valid_loss"] for e in again["experts"]] == [e["final_valid_loss"] for e in experts]
     assert time.perf_counter() - t0 < 10
 
@@ -163,7 +166,7 @@ def test_compute_matching_manifest_and_outputs(trained):
 def test_resume_after_kill_equals_uninterrupted(base_run, tmp_path):
     kw = dict(FAST, experts=[0], vocab_size=512)
     ref = fresh(base_run, tmp_path, "ref")
-    train.train_experts(ref, 4096, **kw)  # expert 0: 2048 tokens = 16 steps
+    training.train_experts(ref, 4096, **kw)  # expert 0: 2048 tokens = 16 steps
 
     class Killed(BaseException):
         pass
@@ -174,10 +177,10 @@ def test_resume_after_kill_equals_uninterrupted(base_run, tmp_path):
 
     run = fresh(base_run, tmp_path, "killed")
     with pytest.raises(Killed):
-        train.train_experts(run, 4096, callback=kill_at_step_7, **kw)
-    assert [p.name for p in train.list_checkpoints(run / "checkpoints" / "expert_000")] == ["step_00000004"]
+        training.train_experts(run, 4096, callback=kill_at_step_7, **kw)
+    assert [p.name for p in training.list_checkpoints(run / "checkpoints" / "expert_000")] == ["step_00000004"]
     assert RunDir(run).manifest()["experts"][0]["status"] == "running"
-    train.train_experts(run, 4096, **kw)  # the same command again
+    training.train_experts(run, 4096, **kw)  # the same command again
     log = json.loads((run / "logs" / "expert_000.json").read_text())
     assert log["resumed_from_step"] == 4 and log["tokens_trained"] == 2048
     assert same(weights(ref / "experts" / "expert_000"), weights(run / "experts" / "expert_000"))
@@ -192,11 +195,11 @@ def test_resume_after_kill_equals_uninterrupted(base_run, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = cli / "checkpoints" / "expert_000"
     deadline = time.time() + 60
-    while not train.list_checkpoints(ckpts) and time.time() < deadline and proc.poll() is None:
+    while not training.list_checkpoints(ckpts) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert train.list_checkpoints(ckpts), "the command ended before writing a checkpoint"
+    assert training.list_checkpoints(ckpts), "the command ended before writing a checkpoint"
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert same(weights(ref / "experts" / "expert_000"), weights(cli / "experts" / "expert_000"))
 
@@ -204,14 +207,14 @@ def test_resume_after_kill_equals_uninterrupted(base_run, tmp_path):
 def test_ddp_two_gloo_processes_match_one_process(base_run, tmp_path):
     one = fresh(base_run, tmp_path, "one")
     kw = dict(FAST, experts=[1], vocab_size=512, ckpt_every=3)
-    train.train_experts(one, 2048, **{**kw, "batch_size": 4})  # 1024 tokens, 8 steps of 4 rows
+    training.train_experts(one, 2048, **{**kw, "batch_size": 4})  # 1024 tokens, 8 steps of 4 rows
     ddp = fresh(base_run, tmp_path, "ddp")
-    summary = train.train_experts(ddp, 2048, backend="torchrun", nproc_per_node=2, **{**kw, "batch_size": 2})
+    summary = training.train_experts(ddp, 2048, backend="torchrun", nproc_per_node=2, **{**kw, "batch_size": 2})
     assert summary["experts"][0]["status"] == "done" and summary["experts"][0]["tokens_trained"] == 1024
     log = json.loads((ddp / "logs" / "expert_001.json").read_text())
     assert log["world_size"] == 2 and log["tokens_per_step"] == 128
     assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= \
-        set(os.listdir(train.list_checkpoints(ddp / "checkpoints" / "expert_001")[-1]))
+        set(os.listdir(training.list_checkpoints(ddp / "checkpoints" / "expert_001")[-1]))
     assert same(weights(one / "experts" / "expert_001"), weights(ddp / "experts" / "expert_001"), atol=1e-4)
     ref = json.loads((one / "logs" / "expert_001.json").read_text())
     assert log["final_valid_loss"] == pytest.approx(ref["final_valid_loss"], abs=1e-4)
@@ -222,7 +225,7 @@ def test_ray_trains_two_experts_in_parallel(trained, base_run, tmp_path):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ref, _ = trained
     run = fresh(base_run, tmp_path)
-    summary = train.train_experts(run, 3001, backend="ray", num_cpus=1, vocab_size=512, **FAST)
+    summary = training.train_experts(run, 3001, backend="ray", num_cpus=1, vocab_size=512, **FAST)
     assert [e["status"] for e in summary["experts"]] == ["done", "done"]
     logs = [json.loads((run / "logs" / f"expert_00{i}.json").read_text()) for i in (0, 1)]
     # two Ray worker processes, not the driver (no wall-clock test: overlap depends on machine load)
@@ -236,7 +239,7 @@ def test_ray_trains_two_experts_in_parallel(trained, base_run, tmp_path):
 def test_local_backend_runs_experts_in_parallel_processes(trained, base_run, tmp_path):
     ref, _ = trained
     run = fresh(base_run, tmp_path)
-    summary = train.train_experts(run, 3001, parallel=2, vocab_size=512, **FAST)
+    summary = training.train_experts(run, 3001, parallel=2, vocab_size=512, **FAST)
     assert [e["status"] for e in summary["experts"]] == ["done", "done"]
     for i in (0, 1):
         assert same(weights(ref / "experts" / f"expert_00{i}"), weights(run / "experts" / f"expert_00{i}"))
@@ -245,18 +248,18 @@ def test_local_backend_runs_experts_in_parallel_processes(trained, base_run, tmp
 def test_dense_baseline_is_compute_matched(trained, tmp_path):
     run, _ = trained
     dense = tmp_path / "dense"
-    s = train.train_dense(dense, 3001, like=run, vocab_size=512, **FAST)
+    s = training.train_dense(dense, 3001, like=run, vocab_size=512, **FAST)
     assert len(s["experts"]) == 1 and s["experts"][0]["tokens_trained"] == 3001
     m = RunDir(dense).manifest()
     assert m["assignments"]["k"] == 1 and m["train"]["per_expert_tokens"] == [3001]
     assert (dense / "tokenizer" / "tokenizer.json").read_bytes() == (run / "tokenizer" / "tokenizer.json").read_bytes()
-    ids = data.read_records(run)
-    assert data.read_records(dense) == {i: (0, split) for i, (_, split) in ids.items()}  # same split
+    ids = assignments.read_records(run)
+    assert assignments.read_records(dense) == {i: (0, split) for i, (_, split) in ids.items()}  # same split
 
 
 def test_seed_phase_and_seed_model(base_run, tmp_path):
     run = fresh(base_run, tmp_path)
-    s = train.train_experts(run, 1024, seed_tokens=640, vocab_size=512, **FAST)
+    s = training.train_experts(run, 1024, seed_tokens=640, vocab_size=512, **FAST)
     m = RunDir(run).manifest()
     assert m["seed"]["source"] == "seed_phase" and m["seed"]["status"] == "done" and m["seed"]["tokens_trained"] == 640
     assert json.loads((run / "logs" / "seed.json").read_text())["clusters"] == [0, 1]
@@ -269,7 +272,7 @@ def test_seed_phase_and_seed_model(base_run, tmp_path):
     run2 = fresh(base_run, tmp_path, "from_seed")
     shutil.rmtree(run2 / "tokenizer")
     shutil.rmtree(run2 / "tokens")
-    s2 = train.train_experts(run2, 512, seed_model=seed_dir, experts=[1], **FAST)
+    s2 = training.train_experts(run2, 512, seed_model=seed_dir, experts=[1], **FAST)
     m2 = RunDir(run2).manifest()
     assert m2["tokenizer"]["source"] == "seed_model" and m2["seed"]["path"] == str(seed_dir.resolve())
     assert s2["experts"][0]["tokens_trained"] == 256 and m2["train"]["config"]["lr"] == models.SEED_MODEL_LR
@@ -287,12 +290,14 @@ def test_weighted_average_and_branch(trained, tmp_path):
 
     # BTM branching: given weights, and the router's weights on the new expert's data
     branch = fresh(run, tmp_path, "branch")
-    e = train.branch_from_mixture(branch, 1, sources=[0, 1], weights=[1, 3], expert=2, train=False, progress=False)
+    e = branch_from_mixture(branch, 1, [1, 3], sources=[0, 1], expert=2, train=False, progress=False)
     assert e["mixture"]["weights"] == [0.25, 0.75] and e["status"] == "pending"
     assert same(weights(branch / "init" / "expert_002"), average_state_dicts(sds[:2], [1, 3]), atol=1e-6)
-    rw = train.router_weights(branch, 1, [0, 1])
+    rw = mixture_weights(branch, 1, [0, 1])
     assert len(rw) == 2 and sum(rw) == pytest.approx(1.0) and rw[1] > rw[0]  # cluster 1's data is nearer centre 1
-    e = train.branch_from_mixture(branch, 1, expert=2, tokens=300, restart=True, **FAST)
+    with pytest.warns(DeprecationWarning):  # the old import path keeps working, router weights by default
+        from cbtm import train as old_train
+    e = old_train.branch_from_mixture(branch, 1, expert=2, tokens=300, restart=True, **FAST)
     assert e["status"] == "done" and e["tokens_trained"] == 300 and e["mixture"]["method"] == "router"
     assert e["mixture"]["sources"] == [0, 1] and (branch / "experts" / "expert_002" / "model.safetensors").is_file()
 
@@ -319,15 +324,15 @@ def test_cli_train_dense_and_branch(base_run, tmp_path, capsys):
 def test_bad_inputs_give_clear_errors(base_run, tmp_path):
     run = fresh(base_run, tmp_path)
     with pytest.raises(ValueError, match="larger than the model's context of 512"):
-        train.train_experts(run, 10_000, **{**FAST, "seq_len": 1024})
+        training.train_experts(run, 10_000, **{**FAST, "seq_len": 1024})
     with pytest.raises(FileNotFoundError, match="seed model not found"):
-        train.train_experts(run, 10_000, seed_model=tmp_path / "missing", **FAST)
+        training.train_experts(run, 10_000, seed_model=tmp_path / "missing", **FAST)
     with pytest.raises(ValueError, match="unknown model size"):
-        train.train_experts(run, 10_000, model_size="huge", **FAST)
+        training.train_experts(run, 10_000, model_size="huge", **FAST)
     with pytest.raises(ValueError, match="experts \\[5\\] do not exist"):
-        train.train_experts(run, 10_000, experts=[5], **FAST)
+        training.train_experts(run, 10_000, experts=[5], **FAST)
     with pytest.raises(ValueError, match="too small"):
-        train.train_experts(run, 3, **FAST)
+        training.train_experts(run, 3, **FAST)
     with pytest.raises(ValueError, match="weights must be finite, non-negative"):
         average_state_dicts([{"a": torch.ones(2)}, {"a": torch.zeros(2)}], [1.0, -1.0])
     with pytest.raises(ValueError, match="different shapes"):
@@ -335,10 +340,10 @@ def test_bad_inputs_give_clear_errors(base_run, tmp_path):
 
     # a cluster with no documents (assignments written by a caller: k=3, nothing in cluster 2)
     custom = fresh(base_run, tmp_path, "custom")
-    recs = [{"id": i, "cluster": c, "split": s} for i, (c, s) in data.read_records(base_run).items()]
-    data.write_assignments(custom, recs, RunDir(base_run).manifest()["corpus"]["paths"], k=3)
+    recs = [{"id": i, "cluster": c, "split": s} for i, (c, s) in assignments.read_records(base_run).items()]
+    assignments.write_assignments(custom, recs, RunDir(base_run).manifest()["corpus"]["paths"], k=3)
     with pytest.raises(ValueError, match="cluster 2 has no training documents"):
-        train.train_experts(custom, 10_000, vocab_size=512, **FAST)
+        training.train_experts(custom, 10_000, vocab_size=512, **FAST)
 
     # a corrupt checkpoint
     class Killed(BaseException):
@@ -349,16 +354,16 @@ def test_bad_inputs_give_clear_errors(base_run, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train.train_experts(run, 4096, experts=[0], vocab_size=512, callback=kill, **FAST)
-    ckpt = train.list_checkpoints(run / "checkpoints" / "expert_000")[-1]
+        training.train_experts(run, 4096, experts=[0], vocab_size=512, callback=kill, **FAST)
+    ckpt = training.list_checkpoints(run / "checkpoints" / "expert_000")[-1]
     blob = bytearray((ckpt / "optimizer.safetensors").read_bytes())
     blob[-10] ^= 0xFF
     (ckpt / "optimizer.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(train.CheckpointError, match="corrupt .*optimizer.safetensors.*delete"):
-        train.train_experts(run, 4096, experts=[0], vocab_size=512, **FAST)
+    with pytest.raises(training.CheckpointError, match="corrupt .*optimizer.safetensors.*delete"):
+        training.train_experts(run, 4096, experts=[0], vocab_size=512, **FAST)
     assert RunDir(run).manifest()["experts"][0]["status"] == "failed"
     # other settings on top of existing progress are refused, --restart starts over
     with pytest.raises(ValueError, match="trained with other settings"):
-        train.train_experts(run, 8192, experts=[0], vocab_size=512, **FAST)
-    s = train.train_experts(run, 4096, experts=[0], vocab_size=512, restart=True, **FAST)
+        training.train_experts(run, 8192, experts=[0], vocab_size=512, **FAST)
+    s = training.train_experts(run, 4096, experts=[0], vocab_size=512, restart=True, **FAST)
     assert s["experts"][0]["status"] == "done"

@@ -1,7 +1,5 @@
 """Training data of the experts: the shared tokenizer, per-cluster token caches, packed blocks.
 
-Training depends only on the run's assignment files (``id -> cluster, split``) and its corpus:
-
 ```
 run/ tokenizer/                   the shared tokenizer (AutoTokenizer.from_pretrained loads it)
      tokens/cluster_XXX.safetensors   {"train": uint16/int32[n], "valid": ...[m]}: each split's
@@ -16,132 +14,21 @@ every expert, every restart and every block length reuses the same cache.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from .corpus import default_corpus_path, fingerprint, read_documents, split_of
-from .rundir import RunDir, atomic_save_safetensors, atomic_write_text
+from . import defaults
+from .assignments import SPLITS, corpus_settings, iter_documents, read_records
+from .corpus import fingerprint
+from .rundir import RunDir, atomic_save_safetensors, replace_dir
 
 EOS = "<|endoftext|>"
-DEFAULT_VOCAB = 8192
-SPLITS = ("train", "valid")
+DEFAULT_VOCAB = defaults.VOCAB_SIZE
 _ENCODE_BATCH = 512  # documents tokenized at once
-
-
-def _run(run) -> RunDir:
-    return run if isinstance(run, RunDir) else RunDir(run)
-
-
-# ------------------------------------------------------------------------------------------------
-# assignments and documents
-
-
-def corpus_settings(run) -> dict:
-    """Corpus paths, text/id fields and the number of clusters ``k`` of a run with assignments."""
-    run = _run(run)
-    m = run.manifest()
-    a = m.get("assignments") or {}
-    if not a.get("shard_keys"):
-        raise FileNotFoundError(f"{run.path} has no assignments: run `cbtm cluster assign` first "
-                                "(or write your own with cbtm.data.write_assignments)")
-    paths = (m.get("corpus") or {}).get("paths")
-    if not paths:
-        raise FileNotFoundError(f"{run.manifest_path} names no corpus (manifest section 'corpus.paths')")
-    c = m.get("cluster") or {}
-    k = a.get("k", c.get("k"))
-    return {"paths": list(paths), "k": None if k is None else int(k),
-            "text_field": a.get("text_field", c.get("text_field", "text")),
-            "id_field": a.get("id_field", c.get("id_field", "id"))}
-
-
-def read_records(run) -> dict[str, tuple[int, str]]:
-    """``{document id: (cluster, split)}`` from the run's assignment files, validated."""
-    from .cluster import read_assignments
-
-    out: dict[str, tuple[int, str]] = {}
-    for r in read_assignments(_run(run).path):
-        c, s = r.get("cluster"), r.get("split")
-        if not isinstance(c, int) or c < 0 or s not in SPLITS:
-            raise ValueError(f"bad assignment record {r!r}: needs an integer cluster >= 0 and split train/valid")
-        out[str(r["id"])] = (c, s)
-    return out
-
-
-def num_clusters(run, records: dict | None = None) -> int:
-    """``k``: from the manifest, else one more than the largest assigned cluster id."""
-    k = corpus_settings(run)["k"]
-    records = read_records(run) if records is None else records
-    top = max((c for c, _ in records.values()), default=-1) + 1
-    return max(k or 0, top)
-
-
-def write_assignments(run, records: Iterable[dict], corpus=None, *, k: int | None = None, name: str = "custom",
-                      text_field: str = "text", id_field: str = "id", source: str = "custom") -> dict:
-    """Write a run's assignments from ``records`` (dicts with ``id``, ``cluster``, ``split``) so any
-    grouping of documents (random, gold labels, one dense cluster) trains like a clustering.
-
-    ``corpus`` defaults to the embedded corpus. Replaces the run's assignment list in the manifest.
-    """
-    run = _run(run)
-    paths = [str(default_corpus_path())] if corpus is None else \
-        [str(p) for p in (corpus if isinstance(corpus, (list, tuple)) else [corpus])]
-    lines, sizes = [], Counter()
-    for r in records:
-        c, s = r["cluster"], r["split"]
-        if not isinstance(c, (int, np.integer)) or c < 0 or s not in SPLITS:
-            raise ValueError(f"bad assignment record {r!r}: needs an integer cluster >= 0 and split train/valid")
-        lines.append(json.dumps({"id": str(r["id"]), "cluster": int(c), "split": s}, ensure_ascii=False))
-        sizes[(int(c), s)] += 1
-    if not lines:
-        raise ValueError("no assignment records given")
-    k = max(c for c, _ in sizes) + 1 if k is None else int(k)
-    atomic_write_text(run.assignments / f"{name}.jsonl", "\n".join(lines) + "\n")
-    summary = {"shard_keys": [name], "k": k, "source": source, "documents": len(lines),
-               "train_sizes": [sizes[(c, "train")] for c in range(k)],
-               "valid_sizes": [sizes[(c, "valid")] for c in range(k)],
-               "text_field": text_field, "id_field": id_field}
-    run.update(assignments=summary, corpus={"paths": paths, "fingerprint": fingerprint(paths)})
-    return summary
-
-
-def dense_records(like=None, corpus=None, valid_fraction: float = 0.05, seed: int = 0,
-                  id_field: str = "id") -> list[dict]:
-    """Every document in one cluster: the splits of run ``like``, or ``split_of`` over ``corpus``."""
-    if like is not None:
-        return [{"id": i, "cluster": 0, "split": s} for i, (_, s) in read_records(like).items()]
-    paths = corpus if corpus is not None else default_corpus_path()
-    return [{"id": d.id, "cluster": 0, "split": split_of(d.id, valid_fraction, seed)}
-            for d in read_documents(paths, id_field=id_field)]
-
-
-def iter_documents(run, want: set[tuple[int, str]] | None = None,
-                   records: dict | None = None) -> Iterator[tuple[int, str, str]]:
-    """``(cluster, split, text)`` of every assigned document (those in ``want`` only), in corpus order.
-
-    Raises ValueError when assigned documents are missing from the corpus.
-    """
-    s = corpus_settings(run)
-    records = read_records(run) if records is None else records
-    expected = sum(1 for v in records.values() if want is None or v in want)
-    found = 0
-    seen: set[str] = set()
-    for doc in read_documents(s["paths"], text_field=s["text_field"], id_field=s["id_field"]):
-        key = records.get(doc.id)
-        if key is None or (want is not None and key not in want) or doc.id in seen:
-            continue
-        seen.add(doc.id)
-        found += 1
-        yield key[0], key[1], doc.text
-    if found != expected:
-        missing = [i for i, v in records.items() if (want is None or v in want) and i not in seen]
-        raise ValueError(f"{len(missing)} assigned documents are not in the corpus {s['paths']} "
-                         f"(first: {missing[:3]}): the assignments do not belong to this corpus")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,7 +52,7 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = DEF
     if tok.get_vocab_size() <= 257:
         raise ValueError("the tokenizer learned no merges: the training text is empty or too small")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
-    save_dir(out, fast.save_pretrained)
+    replace_dir(out, fast.save_pretrained, "tokenizer")
     return fast
 
 
@@ -176,7 +63,7 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     if tok.eos_token_id is None:
         raise ValueError(f"the tokenizer in {path} has no EOS token, needed between packed documents")
     return tok
@@ -191,29 +78,13 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_dir(out: str | Path, save) -> Path:
-    """``save(tmp_dir)`` then replace directory ``out`` with it (readers never see a partial one)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(str(tmp))
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
 def ensure_tokenizer(run, seed_model: str | Path | None = None, vocab_size: int | None = None,
                      progress: bool = True):
     """The run's shared tokenizer, created on first use: a copy of the seed model's tokenizer, or a
     byte-level BPE of ``vocab_size`` (default 8192) trained on the run's training split (the
     validation split is never seen). Recorded in the manifest; asking later for another source
     (or another explicit ``vocab_size``) is an error."""
-    run = _run(run)
+    run = RunDir.of(run)
     want = {"source": "seed_model", "seed_model": str(Path(seed_model).resolve())} if seed_model else \
         {"source": "bpe"} if vocab_size is None else {"source": "bpe", "vocab_size": int(vocab_size)}
     have = run.manifest().get("tokenizer")
@@ -223,7 +94,7 @@ def ensure_tokenizer(run, seed_model: str | Path | None = None, vocab_size: int 
         return load_tokenizer(run.tokenizer)
     if seed_model:
         tok = load_tokenizer(seed_model)
-        save_dir(run.tokenizer, tok.save_pretrained)
+        replace_dir(run.tokenizer, tok.save_pretrained, "tokenizer")
     else:
         want["vocab_size"] = int(vocab_size or DEFAULT_VOCAB)
         if progress:
@@ -238,11 +109,11 @@ def ensure_tokenizer(run, seed_model: str | Path | None = None, vocab_size: int 
 
 def copy_tokenizer(src_run, dst_run) -> None:
     """Give ``dst_run`` the tokenizer of ``src_run`` (same files, same manifest entry)."""
-    src, dst = _run(src_run), _run(dst_run)
+    src, dst = RunDir.of(src_run), RunDir.of(dst_run)
     info = src.manifest().get("tokenizer")
     if not info or not src.tokenizer.is_dir():
         raise FileNotFoundError(f"{src.path} has no tokenizer yet")
-    save_dir(dst.tokenizer, lambda tmp: shutil.copytree(src.tokenizer, tmp))
+    replace_dir(dst.tokenizer, lambda tmp: shutil.copytree(src.tokenizer, tmp), "tokenizer")
     dst.update(tokenizer=info)
 
 
@@ -251,7 +122,7 @@ def copy_tokenizer(src_run, dst_run) -> None:
 
 
 def cache_path(run, cluster: int) -> Path:
-    return _run(run).path / "tokens" / f"cluster_{cluster:03d}.safetensors"
+    return RunDir.of(run).token_cache(cluster)
 
 
 def _data_fingerprint(records: dict, cluster: int, corpus_fp: str, tok_fp: str) -> str:
@@ -265,7 +136,7 @@ def _data_fingerprint(records: dict, cluster: int, corpus_fp: str, tok_fp: str) 
 def ensure_token_cache(run, clusters: Sequence[int], tokenizer=None, progress: bool = True) -> dict[int, dict]:
     """Tokenize the train and valid documents of ``clusters`` (one pass over the corpus for all
     stale caches); return ``{cluster: {"train": n_tokens, "valid": n_tokens, ...}}``."""
-    run = _run(run)
+    run = RunDir.of(run)
     tokenizer = load_tokenizer(run.tokenizer) if tokenizer is None else tokenizer
     records = read_records(run)
     corpus_fp = fingerprint(corpus_settings(run)["paths"])
@@ -375,8 +246,3 @@ class BlockStream:
             self._epoch = epoch
         start = int(self._perm[i]) * self.seq_len
         return self.tokens[start:start + (self.seq_len if length is None else length)]
-
-
-__all__ = ["EOS", "BlockStream", "copy_tokenizer", "corpus_settings", "dense_records", "ensure_token_cache",
-           "ensure_tokenizer", "iter_documents", "load_tokenizer", "load_tokens", "num_clusters", "pack",
-           "read_records", "save_dir", "tokenizer_fingerprint", "train_tokenizer", "write_assignments"]

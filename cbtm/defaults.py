@@ -1,0 +1,13 @@
+"""Named defaults, one place for every stage (the CLI's defaults are these too)."""
+
+TEMPERATURE = 0.1          # router T of softmax(-d^2 / T), the paper's default
+TOP_K = 2                  # experts kept per context by an ensemble
+TOP_KS = ("1", "2", "4", "all")  # top-k values evaluated
+VALID_FRACTION = 0.05      # documents hashed into the validation split
+SPLIT_SEED = 0             # seed of the validation split and of the clustering
+SAMPLE = 200_000           # documents sampled to fit the router
+N_COMPONENTS = 100         # SVD dimensions of the embedder
+MAX_ITER = 20              # k-means iterations
+VOCAB_SIZE = 8192          # byte-level BPE trained when a run has no tokenizer
+MODEL_SIZE = "tiny"        # named model config of fresh experts
+EVAL_BATCH = 8             # texts scored at once by an ensemble

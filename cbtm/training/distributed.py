@@ -1,0 +1,54 @@
+"""The process layout of a training job: torch.distributed world, device, CPU threads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def process_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def barrier() -> None:
+    if process_world()[0] > 1:
+        torch.distributed.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda requested but torch.cuda.is_available() is False")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """Set torch's intra-op threads for the block (restored after)."""
+    prev = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)

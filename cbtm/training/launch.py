@@ -1,0 +1,254 @@
+"""Launching a run's jobs: in process, in worker processes (one per GPU or CPU share), under
+torchrun (DDP inside each job; gloo on CPU) or on Ray (one task per expert, retried from its
+checkpoint); and the compute-matched dense baseline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .. import assignments, tokens
+from ..rundir import RunDir, atomic_write_json, expert_name
+from .config import TrainConfig, make_config
+from .distributed import launched_by_torchrun, resolve_device
+from .job import run_job
+from .plan import plan_jobs, print_summary, record, run_summary
+
+
+BACKENDS = ("local", "torchrun", "ray")
+
+
+class TrainingFailed(RuntimeError):
+    """One or more jobs failed; the manifest records which and why."""
+
+
+def train_experts(run, total_tokens: int, *, model_size: str = "tiny", seed_model: str | Path | None = None,
+                  seed_tokens: int = 0, experts: Sequence[int] | None = None, backend: str = "local",
+                  parallel: int = 1, nproc_per_node: int = 2, ray_address: str | None = None,
+                  num_cpus: float = 1, num_gpus: float = 0, retries: int = 2, vocab_size: int | None = None,
+                  device: str | None = None, threads: int | None = None, restart: bool = False,
+                  progress: bool = True, callback: Callable[[dict], None] | None = None,
+                  config: TrainConfig | None = None, **settings) -> dict:
+    """Branch k experts from one seed and train expert i on cluster i for ``total_tokens / k``
+    tokens (compute-matched with a dense model of ``total_tokens``).
+
+    The seed is a fresh ``model_size`` model or the local HF model ``seed_model``, optionally
+    trained first on all clusters for ``seed_tokens`` (the BTM seed phase). ``experts`` selects ids;
+    ``settings`` are :class:`TrainConfig` fields (seq_len=..., batch_size=...). Backends:
+    ``local`` (in process, or ``parallel`` worker processes, one per GPU when on GPU), ``torchrun``
+    (DDP over ``nproc_per_node`` processes per job; also used when launched by torchrun), ``ray``
+    (one task per expert with ``num_cpus``/``num_gpus``, retried ``retries`` times, resuming from
+    its checkpoint). Rerunning the same call resumes; finished experts are skipped. Returns the
+    manifest's view of the trained experts; raises TrainingFailed when any failed."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if int(parallel) != parallel or parallel < 1 or int(nproc_per_node) != nproc_per_node or nproc_per_node < 1:
+        raise ValueError("parallel and nproc_per_node must be positive integers")
+    if callback is not None and (backend != "local" or parallel > 1):
+        raise ValueError("callback needs backend='local' with parallel=1")
+    cfg = make_config(config, settings)
+    plan = dict(total_tokens=total_tokens, model_size=model_size, seed_model=seed_model, seed_tokens=seed_tokens,
+                experts=experts, cfg=cfg, vocab_size=vocab_size, restart=restart, progress=progress)
+    if launched_by_torchrun():
+        if backend == "ray":
+            raise ValueError("backend 'ray' cannot run inside torchrun")
+        return _train_distributed(run, plan, device, threads, progress, callback)
+    jobs, _ = plan_jobs(run, **plan, write=True)
+    names = [j["name"] for j in jobs]
+    if backend == "torchrun":
+        kwargs = {"run": str(run.path), "total_tokens": total_tokens, "model_size": model_size,
+                  "seed_model": None if seed_model is None else str(Path(seed_model).resolve()),
+                  "seed_tokens": seed_tokens, "experts": None if experts is None else [int(e) for e in experts],
+                  "vocab_size": vocab_size, "device": device,
+                  "threads": threads, "progress": progress, "backend": "torchrun", **asdict(cfg)}
+        _launch_torchrun(run, kwargs, nproc_per_node, progress)
+    elif backend == "ray":
+        _dispatch_ray(run, jobs, ray_address, num_cpus, num_gpus, retries, threads, progress)
+    elif parallel > 1:
+        _dispatch_pool(run, jobs, parallel, device, threads, progress)
+    else:
+        for spec in jobs:
+            run_recorded(run, spec, device=device, threads=threads, progress=progress, callback=callback)
+    summary = run_summary(run, names)
+    failed = [e for e in summary["experts"] if e["status"] != "done"]
+    if (summary["seed"] or {}).get("status") == "failed":
+        raise TrainingFailed(f"the seed phase failed: {summary['seed'].get('error')}")
+    if failed:
+        raise TrainingFailed("experts failed: " + "; ".join(f"{expert_name(e['id'])}: {e.get('error', e['status'])}"
+                                                            for e in failed))
+    if progress:
+        print_summary(summary)
+    return summary
+
+
+def run_recorded(run: RunDir, spec: dict, **kwargs) -> dict:
+    """run_job with the manifest kept up to date (running / done / failed)."""
+    record(run, spec, "running")
+    try:
+        result = run_job(run, spec, **kwargs)
+    except Exception as e:
+        record(run, spec, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    record(run, spec, "done", result)
+    return result
+
+
+def _launch_torchrun(run: RunDir, kwargs: dict, nproc: int, progress: bool) -> None:
+    """Run :func:`train_experts` under ``torchrun --standalone --nproc-per-node nproc``."""
+    job_file = run.path / "logs" / "torchrun.json"
+    atomic_write_json(job_file, kwargs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "cbtm.training", str(job_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    proc = subprocess.run(cmd, env=env, text=True, stdout=None if progress else subprocess.PIPE,
+                          stderr=None if progress else subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "" if progress else "\n" + (proc.stdout or "")[-4000:]
+        raise TrainingFailed(f"torchrun exited with status {proc.returncode}{tail}")
+
+
+def _train_distributed(run: RunDir, plan: dict, device, threads, progress, callback) -> dict:
+    """Inside torchrun: process 0 prepares the run, then every job trains with DDP."""
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dev = resolve_device(device, local_rank)
+    created = not dist.is_initialized()
+    if created:
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    rank = dist.get_rank()
+    threads = threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    try:
+        ok = torch.ones(1)
+        if rank == 0:
+            try:
+                plan_jobs(run, **plan, write=True)
+            except Exception:
+                ok.zero_()
+                dist.broadcast(ok, 0)
+                raise
+        dist.broadcast(ok, 0)
+        if not ok.item():
+            raise TrainingFailed("process 0 failed to prepare the run")
+        jobs, _ = plan_jobs(run, **plan, write=False)
+        for spec in jobs:
+            if rank == 0:
+                run_recorded(run, spec, device=str(dev), threads=threads, progress=progress, callback=callback)
+            else:
+                run_job(run, spec, device=str(dev), threads=threads, progress=False)
+        return run_summary(run, [j["name"] for j in jobs])
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _pool_job(run_path: str, spec: dict, device: str | None, threads: int | None, progress: bool, slots) -> dict:
+    """One job in a worker process, holding one slot (a GPU index, or a progress-bar row) while it runs."""
+    slot = slots.get()
+    try:
+        dev = f"cuda:{slot}" if resolve_device(device).type == "cuda" else "cpu"
+        return run_job(run_path, spec, device=dev, threads=threads, progress=progress, position=slot)
+    finally:
+        slots.put(slot)
+
+
+def _dispatch_pool(run: RunDir, jobs: list[dict], parallel: int, device, threads, progress) -> None:
+    """``parallel`` worker processes, each pinned to one GPU (or to cores/parallel CPU threads)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if resolve_device(device).type == "cuda" and parallel > torch.cuda.device_count():
+        raise ValueError(f"parallel={parallel} but only {torch.cuda.device_count()} GPUs are visible")
+    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
+    ctx = mp.get_context("spawn")
+    seed = [j for j in jobs if j["expert"] is None]
+    for spec in seed:
+        run_recorded(run, spec, device=device, threads=None, progress=progress)
+    with ctx.Manager() as manager, ProcessPoolExecutor(parallel, mp_context=ctx) as pool:
+        slots = manager.Queue()
+        for i in range(parallel):
+            slots.put(i)
+        futures = {}
+        for spec in jobs:
+            if spec["expert"] is not None:
+                record(run, spec, "running")
+                futures[pool.submit(_pool_job, str(run.path), spec, device, threads, progress, slots)] = spec
+        for fut in as_completed(futures):
+            spec = futures[fut]
+            try:
+                record(run, spec, "done", fut.result())
+            except Exception as e:
+                record(run, spec, "failed", error=f"{type(e).__name__}: {e}")
+
+
+def _ray_job(run_path: str, spec: dict, threads: int, use_gpu: bool) -> dict:
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    return run_job(run_path, spec, device=device, threads=threads, progress=False)
+
+
+def _dispatch_ray(run: RunDir, jobs: list[dict], address, num_cpus, num_gpus, retries, threads, progress) -> None:
+    """Submit the seed job, then every expert as one Ray task; record results as they finish."""
+    from tqdm.auto import tqdm
+
+    from ..ray_backend import ray_session
+
+    if num_cpus <= 0 or num_gpus < 0 or int(retries) != retries or retries < 0:
+        raise ValueError("num_cpus must be > 0, num_gpus >= 0 and retries a non-negative integer")
+    threads = threads or max(1, int(num_cpus))
+    with ray_session(address, os.cpu_count()) as ray:
+        task = ray.remote(_ray_job).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=int(retries),
+                                            retry_exceptions=True)
+        for stage in ([j for j in jobs if j["expert"] is None], [j for j in jobs if j["expert"] is not None]):
+            refs = {}
+            for spec in stage:
+                record(run, spec, "running")
+                refs[task.remote(str(run.path), spec, threads, num_gpus > 0)] = spec
+            bar = tqdm(total=len(refs), desc="ray tasks", unit="job", disable=not progress or not refs)
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                spec = refs[ready[0]]
+                try:
+                    record(run, spec, "done", ray.get(ready[0]))
+                except Exception as e:
+                    record(run, spec, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+                bar.update()
+            bar.close()
+            if run.manifest().get("seed", {}).get("status") == "failed":
+                return
+
+
+def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fraction: float = 0.05,
+                split_seed: int = 0, seed_model: str | Path | None = None, vocab_size: int | None = None,
+                **kwargs) -> dict:
+    """The compute-matched dense baseline: one model trained on every training document for
+    ``total_tokens``, in its own run directory ``out`` (k=1). With ``like`` (a clustered run) it
+    uses that run's corpus, train/valid split and tokenizer, so its losses compare with the experts';
+    otherwise ``corpus`` (default: the embedded one) split by ``split_of``. Other arguments as
+    :func:`train_experts`."""
+    out = out if isinstance(out, RunDir) else RunDir(out)
+    if like is not None:
+        like = like if isinstance(like, RunDir) else RunDir(like)
+        if Path(like.path).resolve() == Path(out.path).resolve():
+            raise ValueError("the dense run needs its own directory, not the clustered run's")
+        s = assignments.corpus_settings(like)
+        assignments.write_assignments(out, assignments.dense_records(like), s["paths"], k=1, name="dense",
+                               text_field=s["text_field"], id_field=s["id_field"], source=f"dense, like {like.path}")
+        if not (out.tokenizer / "tokenizer_config.json").is_file():
+            tokens.ensure_tokenizer(like, seed_model, vocab_size, kwargs.get("progress", True))
+            tokens.copy_tokenizer(like, out)
+    else:
+        assignments.write_assignments(out, assignments.dense_records(None, corpus, valid_fraction, split_seed), corpus, k=1,
+                               name="dense", source="dense")
+    return train_experts(out, total_tokens, seed_model=seed_model, vocab_size=vocab_size, **kwargs)
