@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 from safetensors.numpy import load_file
 
-from .rundir import atomic_save_safetensors, atomic_write_text
+from .rundir import atomic_save_safetensors, atomic_write_text, read_json
 
 NUMBER_TOKEN = "#NUMBER"
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default
@@ -259,11 +259,16 @@ class TfidfEmbedder:
     def load(cls, directory: str | Path) -> "TfidfEmbedder":
         """Read an embedder written by ``save`` (safetensors + JSON only; scikit-learn is not needed)."""
         directory = Path(directory)
-        config = json.loads((directory / "embedder.json").read_text(encoding="utf-8"))
-        if config.get("format") != _FORMAT:
+        config = read_json(directory / "embedder.json")
+        if not isinstance(config, dict) or config.get("format") != _FORMAT:
             raise ValueError(f"{directory / 'embedder.json'} is not a {_FORMAT} file")
-        arrays = load_file(str(directory / "embedder.safetensors"))
-        idf, components, vocabulary = arrays["idf"], arrays["components"], config["vocabulary"]
+        try:
+            arrays = load_file(str(directory / "embedder.safetensors"))
+            idf, components, vocabulary = arrays["idf"], arrays["components"], config["vocabulary"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{directory / 'embedder.safetensors'} not found") from None
+        except Exception as e:  # safetensors' own error type, or a missing array / field
+            raise ValueError(f"cannot read the embedder in {directory}: {type(e).__name__}: {e}") from None
         if idf.shape != (len(vocabulary),) or components.shape != (config["n_components"], len(vocabulary)):
             raise ValueError(f"inconsistent embedder in {directory}: idf {idf.shape}, components "
                              f"{components.shape}, {len(vocabulary)} terms, n_components={config['n_components']}")

@@ -158,6 +158,11 @@ def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def context_of_size(size: str) -> int:
+    """The context length of a named size."""
+    return _check_size(size)[4]
+
+
 def default_lr(size: str | None) -> float:
     """Peak learning rate of a named size, or of a pretrained seed model (``size=None``)."""
     return SEED_MODEL_LR if size is None else _check_size(size)[5]

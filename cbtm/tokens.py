@@ -29,6 +29,7 @@ from .rundir import RunDir, atomic_save_safetensors, replace_dir
 EOS = "<|endoftext|>"
 DEFAULT_VOCAB = defaults.VOCAB_SIZE
 _ENCODE_BATCH = 512  # documents tokenized at once
+LONG_DOCUMENT = 1 << 20  # characters: longer documents are tokenized piece by piece
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,8 +165,8 @@ def ensure_token_cache(run, clusters: Sequence[int], tokenizer=None, progress: b
     batch: list[tuple[int, str, str]] = []
 
     def flush():
-        for (c, s, _), ids in zip(batch, encode([t for _, _, t in batch])):
-            parts[(c, s)].append(np.asarray(ids + [eos], dtype=dtype))
+        for (c, s, _), ids in zip(batch, encode_documents(encode, [t for _, _, t in batch], dtype)):
+            parts[(c, s)].append(np.append(ids, np.asarray([eos], dtype)))
             ndocs[(c, s)] += 1
         bar.update(len(batch))
         batch.clear()
@@ -192,6 +193,36 @@ def _encoder(tokenizer):
     if backend is not None:
         return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def split_long(text: str, size: int = LONG_DOCUMENT) -> list[str]:
+    """``text`` in pieces of about ``size`` characters, each cut before a single space between two
+    non-space characters, where byte-level BPE's pre-tokenizer splits anyway: encoding the pieces
+    gives the ids of the whole text (a piece is cut hard only when it holds no such space)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind(" ", start + size // 2, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + size // 2, cut)
+        end = cut if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_documents(encode, texts: list[str], dtype) -> list[np.ndarray]:
+    """Token ids of each text: short texts encoded in one batch, long ones piece by piece
+    (:func:`split_long`), so a huge document never holds more than one piece's encoding."""
+    out: list[np.ndarray | None] = [None] * len(texts)
+    short = [i for i, t in enumerate(texts) if len(t) <= LONG_DOCUMENT]
+    for i, ids in zip(short, encode([texts[i] for i in short]) if short else []):
+        out[i] = np.asarray(ids, dtype)
+    for i, t in enumerate(texts):
+        if out[i] is None:
+            out[i] = np.concatenate([np.asarray(encode([p])[0], dtype) for p in split_long(t)])
+    return out
 
 
 def _cache_meta(path: Path) -> dict | None:

@@ -305,3 +305,92 @@ def test_btm_merge_operations(run, tmp_path, texts):
     assert main(["merge", "export", "--out", str(work), "--to", str(tmp_path / "ens.json")]) == 0
     spec = json.loads((tmp_path / "ens.json").read_text())
     assert [x["id"] for x in spec["experts"]] == [1, 2, K] and spec["routing"]["top_k"] == 2
+
+
+def test_run_directory_is_untrusted_input(run, tmp_path, texts):
+    """A shared run directory can neither run code nor read files outside itself, and damage is named."""
+    import shutil
+
+    from cbtm import experts, models
+    from cbtm.cli import main
+    from cbtm.rundir import ManifestError
+
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    manifest = work / "cbtm.json"
+    good = json.loads(manifest.read_text())
+
+    def with_manifest(change):
+        m = json.loads(json.dumps(good))
+        change(m)
+        manifest.write_text(json.dumps(m))
+
+    # custom code named by auto_map (model config and tokenizer config) is never imported
+    sentinel = tmp_path / "code-ran"
+    for d in (work / "experts/expert_000", work / "tokenizer"):
+        (d / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\n")
+    cfg = json.loads((work / "experts/expert_000/config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}
+    (work / "experts/expert_000/config.json").write_text(json.dumps(cfg))
+    tcfg = json.loads((work / "tokenizer/tokenizer_config.json").read_text())
+    tcfg["auto_map"] = {"AutoTokenizer": ["evil.Tok", None]}
+    (work / "tokenizer/tokenizer_config.json").write_text(json.dumps(tcfg))
+    assert len(Ensemble.load(work, top_k=None).score(texts[:1])[0]) > 0
+    assert not sentinel.exists()
+
+    # paths from the manifest stay inside the run; malformed manifests are errors naming the file
+    for change, msg in ((lambda m: m["experts"][0].update(path="../../outside"), "inside the run directory"),
+                        (lambda m: m["experts"][0].update(path="/etc"), "inside the run directory"),
+                        (lambda m: m.update(experts="expert_000"), "must be a list"),
+                        (lambda m: m["experts"][0].pop("path"), "has no 'path'"),
+                        (lambda m: m["experts"][0].update(status="finished"), "status must be one of"),
+                        (lambda m: m["cluster"].update(k="4"), "cluster.k must be int")):
+        with_manifest(change)
+        with pytest.raises(ManifestError, match=msg) as e:
+            Ensemble.load(work)
+        assert "cbtm.json" in str(e.value)
+    manifest.write_text("{not json")
+    with pytest.raises(ValueError, match="cbtm.json is not valid JSON"):
+        Ensemble.load(work)
+    assert main(["eval", str(work)]) == 2
+
+    # damaged weights: a recorded checksum catches a flipped byte; non-finite outputs are an error
+    with_manifest(lambda m: [e.update(sha256=models.weights_digest(work / e["path"])) for e in m["experts"]])
+    weights = work / "experts/expert_001/model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-3] ^= 0x40
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        Ensemble.load(work, top_k=None).perplexity(texts[:2])
+    with_manifest(lambda m: None)
+    model = models.load_model(work / "experts/expert_001")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    model.save_pretrained(work / "experts/expert_001")
+    with pytest.raises(ValueError, match="non-finite"):
+        Ensemble.load(work, top_k=None, kind="uniform").perplexity(texts[:2])
+
+    # devices that cannot be used are user errors
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            Ensemble.load(run, device="cuda")
+    with pytest.raises(ValueError, match="unsupported device"):
+        Ensemble.load(run, device="meta")
+
+
+def test_merge_average_never_deletes_what_it_did_not_write(run, tmp_path):
+    from cbtm.cli import main
+
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me")
+    assert main(["merge", "average", "--run", str(run), "--to", str(unrelated)]) == 2
+    assert (unrelated / "notes.txt").read_text() == "keep me" and len(list(unrelated.iterdir())) == 1
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for target in (run, run / "experts", run / "experts" / "expert_000", run.parent):
+        assert main(["merge", "average", "--run", str(run), "--to", str(target)]) == 2
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    out = tmp_path / "avg"
+    assert main(["merge", "average", "--run", str(run), "--to", str(out)]) == 0
+    assert main(["merge", "average", "--run", str(run), "--to", str(out), "--weights", "1,2,1"]) == 0  # its own output
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()

@@ -367,3 +367,35 @@ def test_bad_inputs_give_clear_errors(base_run, tmp_path):
         training.train_experts(run, 8192, experts=[0], vocab_size=512, **FAST)
     s = training.train_experts(run, 4096, experts=[0], vocab_size=512, restart=True, **FAST)
     assert s["experts"][0]["status"] == "done"
+
+
+def test_hardening_of_training_inputs(base_run, tmp_path, monkeypatch):
+    run = fresh(base_run, tmp_path)
+    training.train_experts(run, 512, experts=[0], vocab_size=512, **FAST)
+    # a context overflow is named as such, even where other settings would also differ from the run's
+    with pytest.raises(ValueError, match="larger than the model's context of 512"):
+        training.train_experts(run, 512, experts=[0], vocab_size=512, **{**FAST, "seq_len": 100_000})
+    # bad flags are user errors (exit 2), not tracebacks
+    assert main(["train", "--run", str(run), "--total-tokens", "1k", "--device", "tpu", "--quiet"]) == 2
+    for flags in (["--workers", "0"], ["--workers", "-2"]):
+        with pytest.raises(SystemExit) as e:
+            main(["cluster", "assign", "--run", str(run), *flags])
+        assert e.value.code == 2
+    # refitting the router of a run with experts would silently re-route them: refused without --force
+    with pytest.raises(ValueError, match="--force"):
+        cluster.fit(None, run, k=2, n_components=16, progress=False)
+    assert main(["cluster", "fit", "--run", str(run), "-k", "2", "--n-components", "16"]) == 2
+    assert RunDir(run).manifest()["experts"][0]["status"] == "done"  # nothing was dropped
+
+
+def test_long_documents_tokenize_piecewise_to_the_same_ids(base_run, monkeypatch):
+    tok = tokens.load_tokenizer(base_run / "tokenizer")
+    encode = tokens._encoder(tok)
+    text = " ".join(t for _, _, t in islice(assignments.iter_documents(base_run), 40))
+    whole = np.asarray(encode([text])[0])
+    monkeypatch.setattr(tokens, "LONG_DOCUMENT", 4096)
+    pieces = tokens.split_long(text, 4096)
+    assert len(pieces) > 3 and "".join(pieces) == text and max(map(len, pieces)) <= 4096
+    got = tokens.encode_documents(encode, [text, "short text"], np.int32)
+    assert np.array_equal(got[0], whole)
+    assert np.array_equal(got[1], np.asarray(encode(["short text"])[0]))

@@ -52,13 +52,13 @@ def plan_jobs(run: RunDir, *, total_tokens: int, model_size: str, seed_model, se
     if int(seed_tokens) != seed_tokens or seed_tokens < 0:
         raise ValueError(f"seed_tokens must be a non-negative integer, got {seed_tokens!r}")
     if seed_model is None:
-        models.default_lr(model_size)  # validates the name
+        context = models.context_of_size(model_size)  # validates the name
     else:
         seed_model = Path(seed_model).resolve()
-        if not seed_model.exists():
-            raise FileNotFoundError(f"seed model not found: {seed_model}")
-        if not (seed_model / "config.json").is_file():
-            raise FileNotFoundError(f"{seed_model} has no config.json: not a Hugging Face model directory")
+        context = models.context_length(models.load_config(seed_model))
+    if context is not None and cfg.seq_len > context:
+        raise ValueError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens: "
+                         f"use --seq-len {context} or less")
     records = assignments.read_records(run)
     k = assignments.num_clusters(run, records)
     ids = list(range(k)) if experts is None else sorted({int(e) for e in experts})
