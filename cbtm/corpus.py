@@ -1,17 +1,27 @@
-"""Streaming corpus I/O: JSON-lines and plain-text shards, bad-line accounting, splits, manifests.
+"""Streaming corpus I/O: JSON lines, plain text, Parquet and Hugging Face ``datasets`` directories;
+bad-record accounting, unique ids, splits, fingerprints.
 
-Supported shards: ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.json.gz`` (one JSON object per line) and
-``.txt``, ``.txt.gz`` (plain text; one document per file, or one per blank-line-separated block).
-Files are read line by line, never whole. Bad lines are skipped and recorded in a
-:class:`CorpusReport` instead of aborting a long run.
+Sources:
+* ``.jsonl`` / ``.json`` (one JSON object per line) and ``.txt`` (plain text; one document per file,
+  or one per blank-line-separated block), each optionally compressed as ``.gz`` or ``.zst``;
+* ``.parquet`` files, streamed by row group;
+* a directory written by ``datasets.Dataset.save_to_disk`` (``state.json`` + Arrow stream files), one source.
+
+Nothing is read whole. Bad lines (rows) are skipped and recorded in a :class:`CorpusReport`; so is a
+file that cannot be read to its end (truncated or corrupt), as one bad shard. Document ids must be
+unique: a reader raises :class:`DuplicateIdError` naming both places.
 """
 from __future__ import annotations
 
+import datetime
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
+import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Union
@@ -19,16 +29,22 @@ from typing import IO, Iterable, Iterator, Union
 PathLike = Union[str, os.PathLike]
 Paths = Union[PathLike, Iterable[PathLike]]
 
-JSON_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json")
-TEXT_SUFFIXES = (".txt.gz", ".txt")
+_LINE_SUFFIXES = (".jsonl", ".json", ".txt")
+_COMPRESSIONS = ("", ".gz", ".zst")
+SUFFIXES = tuple(s + c for s in _LINE_SUFFIXES for c in _COMPRESSIONS) + (".parquet",)
 _FORMATS = ("auto", "jsonl", "text")
 _TEXT_MODES = ("file", "blocks")
 _MAX_EXAMPLES = 20
+_BATCH_ROWS = 1024  # Parquet rows converted to Python at once
+_ZSTD_CHUNK = 1 << 20
+_JSON_SCALARS = (str, int, float, bool, type(None))
+_DATASET_DICT = "dataset_dict.json"  # a DatasetDict's list of splits, not a corpus file
 
 
 @dataclass
 class Document:
-    """One corpus document: ``source`` is the shard it came from, ``line`` its first line (1-based)."""
+    """One corpus document: ``source`` is the file (or ``datasets`` directory) it came from, ``line``
+    its first line, or its row in a Parquet file or ``datasets`` directory (1-based)."""
 
     id: str
     text: str
@@ -39,63 +55,103 @@ class Document:
 
 @dataclass
 class CorpusReport:
-    """Counts of documents read and lines skipped (by reason), with the first examples of each skip."""
+    """Counts of documents read and lines skipped (by reason), with the first examples of each skip,
+    and every shard that could not be read to its end (``bad_shards``: ``"file:line: error"``)."""
 
     n_documents: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count
     examples: list = field(default_factory=list)  # "file:line: reason", first _MAX_EXAMPLES
+    bad_shards: list = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
     def skip(self, source: str, line: int, reason: str) -> None:
-        """Record one skipped line (or block / file) of ``source``."""
+        """Record one skipped line (or block / file / row) of ``source``."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{source}:{line}: {reason}")
 
+    def bad_shard(self, source: str, line: int, error: BaseException) -> None:
+        """Record a shard whose reading failed at ``line`` (documents before it were kept)."""
+        self.skip(source, line, "unreadable file")
+        self.bad_shards.append(f"{source}:{line}: {type(error).__name__}: {error}")
+
     def summary(self) -> str:
-        """One human-readable paragraph: documents read, skips by reason, first examples."""
+        """One human-readable paragraph: documents read, skips by reason, first examples, bad shards."""
         out = f"{self.n_documents} documents read, {self.n_skipped} skipped"
         if self.skipped:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
             out += f" ({reasons})\n" + "\n".join(f"  {e}" for e in self.examples)
+        if self.bad_shards:
+            out += "\nunreadable shards (documents before the error were kept):\n"
+            out += "\n".join(f"  {e}" for e in self.bad_shards)
         return out
+
+
+class DuplicateIdError(ValueError):
+    """Two documents of a corpus share an id."""
+
+
+class _BadShard(Exception):
+    """Reading a shard failed at ``line`` (1-based) with ``error``."""
+
+    def __init__(self, line: int, error: BaseException):
+        super().__init__(line, error)
+        self.line, self.error = line, error
 
 
 def _suffix(path: Path) -> str | None:
     """The supported suffix ``path`` ends with, or None."""
     name = path.name.lower()
-    return next((s for s in JSON_SUFFIXES + TEXT_SUFFIXES if name.endswith(s)), None)
+    return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def _stem(path: Path) -> str:
-    """File name without its (possibly double) supported suffix: ``a.jsonl.gz`` -> ``a``."""
-    suffix = _suffix(path)
-    return path.name[: -len(suffix)] if suffix else path.stem
+def _is_dataset_dir(path: Path) -> bool:
+    """A directory written by ``datasets.Dataset.save_to_disk``."""
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
 def _has_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
+def _in_dataset_dir(path: Path) -> bool:
+    return any(_is_dataset_dir(p) for p in path.parents)
+
+
 def _supported_in(directory: Path) -> list[Path]:
-    return [p for p in directory.rglob("*") if p.is_file() and _suffix(p)]
+    """The sources below ``directory``: supported files, and ``datasets`` directories as one each
+    (a ``DatasetDict``'s splits are ``datasets`` directories)."""
+    if _is_dataset_dir(directory):
+        return [directory]
+    found = []
+    for top, dirs, files in os.walk(directory):
+        sub = [Path(top, d) for d in dirs]
+        found += [d for d in sub if _is_dataset_dir(d)]
+        dirs[:] = [d.name for d in sub if not _is_dataset_dir(d)]
+        found += [p for p in (Path(top, f) for f in files if f != _DATASET_DICT) if _suffix(p) and p.is_file()]
+    return found
 
 
-def list_shards(paths: Paths) -> list[Path]:
-    """The files :func:`read_documents` would read, sorted and de-duplicated.
-
-    Each entry of ``paths`` is a file, a directory (all supported files below it, recursively) or a
-    glob pattern (``**`` allowed). A missing path raises FileNotFoundError; an entry that yields no
-    supported file raises ValueError. An explicitly named file is always taken, whatever its suffix.
-    """
+def _entries(paths: Paths) -> list:
     entries = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not entries:
         raise ValueError("no corpus path given")
+    return entries
+
+
+def list_shards(paths: Paths) -> list[Path]:
+    """The sources :func:`read_documents` would read, sorted and de-duplicated.
+
+    Each entry of ``paths`` is a file, a directory (all supported files below it, recursively; a
+    ``datasets`` directory is one source) or a glob pattern (``**`` allowed). A missing path raises
+    FileNotFoundError; an entry that yields no supported source raises ValueError. An explicitly
+    named file is always taken, whatever its suffix.
+    """
     shards: set[Path] = set()
-    for entry in entries:
+    for entry in _entries(paths):
         path = Path(entry)
         if path.is_file():
             found = [path]
@@ -104,21 +160,46 @@ def list_shards(paths: Paths) -> list[Path]:
         elif _has_glob(str(entry)):
             found = []
             for match in map(Path, glob.glob(str(entry), recursive=True)):
-                found += _supported_in(match) if match.is_dir() else [match] if _suffix(match) else []
+                if match.is_dir():
+                    found += [] if _in_dataset_dir(match) else _supported_in(match)
+                elif _suffix(match) and match.name != _DATASET_DICT and not _in_dataset_dir(match):
+                    found.append(match)
         else:
             raise FileNotFoundError(f"corpus path not found: {entry}")
         if not found:
-            raise ValueError(f"no supported corpus file ({', '.join(JSON_SUFFIXES + TEXT_SUFFIXES)}) in: {entry}")
+            raise ValueError(f"no supported corpus file ({', '.join(SUFFIXES)}, or a `datasets` directory) "
+                             f"in: {entry}")
         shards.update(found)
     return sorted(shards, key=str)
 
 
+def corpus_root(paths: Paths) -> Path:
+    """The directory fallback ids are relative to: the deepest one holding every entry of ``paths``
+    (a directory entry counts as itself; a file or ``datasets`` directory as its parent; a glob as
+    its leading part without wildcards). Ids stay the same when the whole corpus moves."""
+    roots = []
+    for entry in _entries(paths):
+        path = Path(entry)
+        if not path.exists() and _has_glob(str(entry)):
+            fixed = []
+            for part in path.parts:
+                if _has_glob(part):
+                    break
+                fixed.append(part)
+            base = Path(*fixed) if fixed else Path(".")
+        else:
+            base = path if path.is_dir() and not _is_dataset_dir(path) else path.parent
+        roots.append(os.path.abspath(base))
+    return Path(os.path.commonpath(roots))
+
+
 def fingerprint(paths: Paths) -> str:
-    """Cheap content fingerprint for manifests: hash of the shards' names, sizes and mtimes."""
+    """Cheap content fingerprint for manifests: hash of the sources' file names, sizes and mtimes."""
     h = hashlib.blake2b(digest_size=16)
     for shard in list_shards(paths):
-        st = shard.stat()
-        h.update(f"{shard}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        for f in sorted(p for p in shard.iterdir() if p.is_file()) if shard.is_dir() else [shard]:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -138,8 +219,64 @@ def default_corpus_path() -> Path:
     return path
 
 
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a ``.zst`` file, frame after frame. Unlike zstandard's
+    ``stream_reader``, a file that ends inside a frame (truncated) raises EOFError."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self._fh = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # decompressor of the current frame
+        self._out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._out:
+            data = b""
+            if self._frame is not None and self._frame.eof:
+                data, self._frame = self._frame.unused_data, None
+            data = data or self._fh.read(_ZSTD_CHUNK)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                return 0
+            self._frame = self._frame or self._dctx.decompressobj()
+            self._out = self._frame.decompress(data)
+        n = min(len(buf), len(self._out))
+        buf[:n], self._out = self._out[:n], self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path))
+    return open(path, "rb")
+
+
+def _read_errors(path: Path) -> tuple:
+    """The exceptions that mean a file is unreadable (corrupt, truncated, wrong format)."""
+    errors: tuple = (OSError, EOFError, zlib.error)
+    name = path.name.lower()
+    if name.endswith(".zst"):
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    if path.is_dir() or name.endswith(".parquet"):
+        import pyarrow
+
+        errors += (pyarrow.ArrowException, ValueError)  # ValueError: a malformed state.json
+    return errors
 
 
 def _decode(raw: bytes, lineno: int) -> str:
@@ -147,20 +284,46 @@ def _decode(raw: bytes, lineno: int) -> str:
     return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
 
 
-class CorpusReader:
-    """Iterator over the documents of one or more shards; ``report`` holds the skip statistics.
+def _jsonable(value):
+    """``value`` with what JSON cannot hold made JSON-safe: dates and times as ISO strings,
+    tuples as lists, anything else (bytes, decimals) as ``str``."""
+    if isinstance(value, _JSON_SCALARS):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)
 
-    Created by :func:`read_documents`. Shards are resolved eagerly (missing paths fail at once),
-    documents are read lazily, one line at a time.
+
+def _dataset_files(path: Path) -> list[Path]:
+    """The Arrow files of a ``save_to_disk`` directory, in order, from its ``state.json``."""
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    names = [f.get("filename") if isinstance(f, dict) else None for f in files or []]
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise ValueError(f"{path / 'state.json'} lists no data files (`_data_files`) inside the directory")
+    return [path / n for n in names]
+
+
+class CorpusReader:
+    """Iterator over the documents of one or more sources; ``report`` holds the skip statistics.
+
+    Created by :func:`read_documents`. Sources are resolved eagerly (missing paths fail at once),
+    documents are read lazily. Raises :class:`DuplicateIdError` at the second document with an id
+    already read.
     """
 
     def __init__(self, paths: Paths, text_field: str = "text", id_field: str = "id", fmt: str = "auto",
-                 report: CorpusReport | None = None, text_mode: str = "file"):
+                 report: CorpusReport | None = None, text_mode: str = "file", root: PathLike | None = None):
         if fmt not in _FORMATS:
             raise ValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
         if text_mode not in _TEXT_MODES:
             raise ValueError(f"text_mode must be one of {_TEXT_MODES}, got {text_mode!r}")
         self.shards = list_shards(paths)
+        self.root = Path(os.path.abspath(root)) if root is not None else corpus_root(paths)
         self.text_field, self.id_field, self.fmt, self.text_mode = text_field, id_field, fmt, text_mode
         self.report = report if report is not None else CorpusReport()
         self._docs = self._generate()
@@ -172,69 +335,132 @@ class CorpusReader:
         return next(self._docs)
 
     def _generate(self) -> Iterator[Document]:
+        seen: set[str] = set()
         for shard in self.shards:
-            is_json = self.fmt == "jsonl" or (self.fmt == "auto" and _suffix(shard) not in TEXT_SUFFIXES)
-            for doc in (self._read_jsonl if is_json else self._read_text)(shard):
+            for doc in self._read_shard(shard):
+                if doc.id in seen:
+                    raise DuplicateIdError(self._duplicate_message(doc))
+                seen.add(doc.id)
                 self.report.n_documents += 1
                 yield doc
 
-    def _read_jsonl(self, path: Path) -> Iterator[Document]:
-        source, stem, skip = str(path), _stem(path), self.report.skip
-        with _open_binary(path) as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                try:
-                    line = _decode(raw, lineno)
-                except UnicodeDecodeError:
-                    skip(source, lineno, "not UTF-8")
-                    continue
-                if not line.strip():
-                    skip(source, lineno, "blank line")
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    skip(source, lineno, "invalid JSON")
-                    continue
-                if not isinstance(obj, dict):
-                    skip(source, lineno, "not a JSON object")
-                    continue
-                text = obj.pop(self.text_field, None)
-                if text is None:
-                    skip(source, lineno, f"missing field {self.text_field!r}")
-                elif not isinstance(text, str):
-                    skip(source, lineno, f"field {self.text_field!r} is not a string")
-                elif not text.strip():
-                    skip(source, lineno, "empty text")
-                else:
-                    doc_id = obj.pop(self.id_field, None)
-                    doc_id = f"{stem}:{lineno}" if doc_id is None else str(doc_id)
-                    yield Document(doc_id, text, obj, source, lineno)
+    def _duplicate_message(self, doc: Document) -> str:
+        again = CorpusReader(self.shards, self.text_field, self.id_field, self.fmt, None, self.text_mode, self.root)
+        first = next(d for d in again if d.id == doc.id)
+        return (f"duplicate document id {doc.id!r}: {first.source}:{first.line} and {doc.source}:{doc.line} "
+                f"(ids in field {self.id_field!r} must be unique across the corpus)")
 
-    def _read_text(self, path: Path) -> Iterator[Document]:
+    def _read_shard(self, shard: Path) -> Iterator[Document]:
+        """The documents of one source; a read error ends it and is recorded as a bad shard."""
+        prefix = Path(os.path.relpath(os.path.abspath(shard), self.root)).as_posix()
+        name = shard.name.lower()
+        if shard.is_dir() or name.endswith(".parquet"):
+            docs = self._read_rows(shard, prefix)
+        elif self.fmt == "text" or (self.fmt == "auto" and name.endswith((".txt", ".txt.gz", ".txt.zst"))):
+            docs = self._read_text(shard, prefix)
+        else:
+            docs = self._read_jsonl(shard, prefix)
+        try:
+            yield from docs
+        except _BadShard as bad:
+            self.report.bad_shard(str(shard), bad.line, bad.error)
+
+    def _lines(self, path: Path) -> Iterator[tuple[int, bytes]]:
+        """``(line number, raw line)`` of a file; a read error raises _BadShard."""
+        lineno = 0
+        try:
+            with _open_binary(path) as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    yield lineno, raw
+        except _read_errors(path) as e:
+            raise _BadShard(lineno + 1, e) from e
+
+    def _rows(self, path: Path) -> Iterator[tuple[int, dict]]:
+        """``(row number, record)`` of a Parquet file or ``datasets`` directory; errors raise _BadShard."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        row = 0
+        try:
+            if path.is_dir():
+                batches = (b for f in _dataset_files(path) for b in pa.ipc.open_stream(pa.memory_map(str(f))))
+            else:
+                batches = pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
+            for batch in batches:
+                for obj in batch.to_pylist():
+                    row += 1
+                    yield row, obj
+        except _read_errors(path) as e:
+            raise _BadShard(row + 1, e) from e
+
+    def _record(self, obj: dict, source: str, prefix: str, n: int) -> Document | None:
+        """The document of one JSON object or table row (line or row ``n``), or None when skipped."""
+        text = obj.pop(self.text_field, None)
+        if text is None:
+            self.report.skip(source, n, f"missing field {self.text_field!r}")
+        elif not isinstance(text, str):
+            self.report.skip(source, n, f"field {self.text_field!r} is not a string")
+        elif not text.strip():
+            self.report.skip(source, n, "empty text")
+        else:
+            doc_id = obj.pop(self.id_field, None)
+            return Document(f"{prefix}:{n}" if doc_id is None else str(doc_id), text, obj, source, n)
+        return None
+
+    def _read_rows(self, path: Path, prefix: str) -> Iterator[Document]:
+        source = str(path)
+        for row, obj in self._rows(path):
+            doc = self._record({k: _jsonable(v) for k, v in obj.items()}, source, prefix, row)
+            if doc is not None:
+                yield doc
+
+    def _read_jsonl(self, path: Path, prefix: str) -> Iterator[Document]:
+        source, skip = str(path), self.report.skip
+        for lineno, raw in self._lines(path):
+            try:
+                line = _decode(raw, lineno)
+            except UnicodeDecodeError:
+                skip(source, lineno, "not UTF-8")
+                continue
+            if not line.strip():
+                skip(source, lineno, "blank line")
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                skip(source, lineno, "invalid JSON")
+                continue
+            if not isinstance(obj, dict):
+                skip(source, lineno, "not a JSON object")
+                continue
+            doc = self._record(obj, source, prefix, lineno)
+            if doc is not None:
+                yield doc
+
+    def _read_text(self, path: Path, prefix: str) -> Iterator[Document]:
         """Plain text: the whole file, or each blank-line-separated block, is one document.
 
-        A block (file) holding a non-UTF-8 line is skipped whole; ids are ``"<stem>:<block index>"``.
+        A block (file) holding a non-UTF-8 line is skipped whole; ids are ``"<path>:<block index>"``.
         """
-        source, stem, blocks = str(path), _stem(path), self.text_mode == "blocks"
+        source, blocks = str(path), self.text_mode == "blocks"
         lines: list[str] = []
         first, bad, index = 1, 0, 0  # bad: first non-UTF-8 line of the current block, 0 if none
-        with _open_binary(path) as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                try:
-                    line = _decode(raw, lineno)
-                except UnicodeDecodeError:
-                    line, bad = "\ufffd", bad or lineno
-                if blocks and not line.strip():
-                    if lines:
-                        yield from self._text_doc(lines, f"{stem}:{index}", source, first, bad, strip=True)
-                        index += 1
-                    lines, bad = [], 0
-                    continue
-                if not lines:
-                    first = lineno
-                lines.append(line)
+        for lineno, raw in self._lines(path):
+            try:
+                line = _decode(raw, lineno)
+            except UnicodeDecodeError:
+                line, bad = "\ufffd", bad or lineno
+            if blocks and not line.strip():
+                if lines:
+                    yield from self._text_doc(lines, f"{prefix}:{index}", source, first, bad, strip=True)
+                    index += 1
+                lines, bad = [], 0
+                continue
+            if not lines:
+                first = lineno
+            lines.append(line)
         if lines or not blocks:
-            yield from self._text_doc(lines, f"{stem}:{index}", source, first, bad, strip=blocks)
+            yield from self._text_doc(lines, f"{prefix}:{index}", source, first, bad, strip=blocks)
 
     def _text_doc(self, lines: list[str], doc_id: str, source: str, first: int, bad: int,
                   strip: bool) -> Iterator[Document]:
@@ -250,15 +476,28 @@ class CorpusReader:
 
 
 def read_documents(paths: Paths, text_field: str = "text", id_field: str = "id", fmt: str = "auto",
-                   report: CorpusReport | None = None, text_mode: str = "file") -> CorpusReader:
+                   report: CorpusReport | None = None, text_mode: str = "file",
+                   root: PathLike | None = None) -> CorpusReader:
     """Stream :class:`Document` objects from files, directories, glob patterns or a list of these.
 
-    JSON lines: the text is ``obj[text_field]``; the id is ``str(obj[id_field])``, or
-    ``"<file stem>:<line number>"`` when absent; every other field goes to ``meta``.
-    Plain text (``.txt``, ``.txt.gz``, or any file with ``fmt="text"``): ``text_mode="file"`` makes
-    each file one document, ``"blocks"`` each blank-line-separated block. ``fmt="jsonl"`` reads every
-    file as JSON lines, as ``"auto"`` does for explicitly named files of other suffixes.
-    Skipped lines are counted in ``report`` (also the returned reader's ``.report``); the reader's
-    ``.shards`` lists the files it reads.
+    JSON lines, Parquet and ``datasets`` rows: the text is ``record[text_field]``; the id is
+    ``str(record[id_field])``, or, when absent, ``"<path>:<line or row>"`` with the source's path
+    relative to ``root`` (default :func:`corpus_root` of ``paths``; pass the whole corpus's root when
+    reading one shard of it); every other field goes to ``meta`` (JSON-safe).
+    Plain text (``.txt[.gz|.zst]``, or any file with ``fmt="text"``): ``text_mode="file"`` makes each
+    file one document, ``"blocks"`` each blank-line-separated block. ``fmt="jsonl"`` reads every file
+    but Parquet as JSON lines, as ``"auto"`` does for explicitly named files of other suffixes.
+    Skipped lines and unreadable shards are counted in ``report`` (also the returned reader's
+    ``.report``); the reader's ``.shards`` lists the sources it reads. A repeated id raises
+    :class:`DuplicateIdError` naming both places.
     """
-    return CorpusReader(paths, text_field, id_field, fmt, report, text_mode)
+    return CorpusReader(paths, text_field, id_field, fmt, report, text_mode, root)
+
+
+def check_unique_ids(paths: Paths, text_field: str = "text", id_field: str = "id", fmt: str = "auto",
+                     text_mode: str = "file") -> CorpusReport:
+    """Read the whole corpus once and raise :class:`DuplicateIdError` if two documents share an id;
+    for stages that read one shard at a time and so cannot see duplicates across shards."""
+    reader = read_documents(paths, text_field, id_field, fmt, None, text_mode)
+    deque(reader, maxlen=0)
+    return reader.report

@@ -1,13 +1,15 @@
-"""Tests for cbtm.corpus: formats, path resolution, bad-line accounting, splits, the embedded corpus."""
+"""Tests for cbtm.corpus: formats, path resolution, bad-line accounting, unique ids, bad shards, splits,
+the embedded corpus. Parquet, zstd and `datasets` sources: test_corpus_formats.py."""
 import gzip
 import json
 import os
+import shutil
 from collections import Counter
 
 import pytest
 
-from cbtm.corpus import (CorpusReport, Document, default_corpus_path, fingerprint, list_shards, read_documents,
-                         split_of)
+from cbtm.corpus import (CorpusReport, Document, DuplicateIdError, check_unique_ids, corpus_root, default_corpus_path,
+                         fingerprint, list_shards, read_documents, split_of)
 
 RECORDS = [
     {"id": "d1", "text": "first document", "domain": "bible"},
@@ -27,7 +29,7 @@ def test_jsonl_formats_ids_and_meta(tmp_path, name):
     path = write_jsonl(tmp_path / name, RECORDS)
     docs = list(read_documents(path))
     assert [d.text for d in docs] == [r["text"] for r in RECORDS]
-    assert [d.id for d in docs] == ["d1", "7", "a:3"]  # numeric id as str; fallback "<stem>:<line>"
+    assert [d.id for d in docs] == ["d1", "7", f"{name}:3"]  # numeric id as str; fallback "<path>:<line>"
     assert docs[0].meta == {"domain": "bible"}
     assert docs[1].meta == {"domain": "austen", "extra": [1, 2]}
     assert all(d.source == str(path) for d in docs) and [d.line for d in docs] == [1, 2, 3]
@@ -119,11 +121,11 @@ def test_plain_text_modes(tmp_path):
     (tmp_path / "t.txt").write_text(text)
     (tmp_path / "g.txt.gz").write_bytes(gzip.compress(text.encode()))
     (doc,) = read_documents(tmp_path / "t.txt")
-    assert (doc.id, doc.text, doc.line, doc.meta) == ("t:0", text, 1, {})
-    for name, stem in [("t.txt", "t"), ("g.txt.gz", "g")]:
+    assert (doc.id, doc.text, doc.line, doc.meta) == ("t.txt:0", text, 1, {})
+    for name in ["t.txt", "g.txt.gz"]:
         docs = list(read_documents(tmp_path / name, text_mode="blocks"))
         assert [d.text for d in docs] == ["Para one,\nline two.", "Para two.", "Para three"]
-        assert [d.id for d in docs] == [f"{stem}:0", f"{stem}:1", f"{stem}:2"]
+        assert [d.id for d in docs] == [f"{name}:0", f"{name}:1", f"{name}:2"]
         assert [d.line for d in docs] == [1, 6, 8]
 
 
@@ -132,7 +134,7 @@ def test_plain_text_bad_blocks(tmp_path):
     path.write_bytes(b"good block\n\nbad \xff block\nmore\n\nlast\n")
     report = CorpusReport()
     docs = list(read_documents(path, text_mode="blocks", report=report))
-    assert [(d.id, d.text) for d in docs] == [("bad:0", "good block"), ("bad:2", "last")]
+    assert [(d.id, d.text) for d in docs] == [("bad.txt:0", "good block"), ("bad.txt:2", "last")]
     assert report.examples == [f"{path}:3: not UTF-8"]
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\n")
@@ -185,3 +187,76 @@ def test_embedded_corpus():
     domains = Counter(d.meta["domain"] for d in docs)
     assert len(domains) == 8 and domains["bible"] == 1168 and domains["fortune"] == 2289
     assert all(d.text.strip() and "source" in d.meta for d in docs)
+
+
+def test_fallback_ids_are_unique_per_path_and_survive_a_move(tmp_path):
+    corpus = tmp_path / "corpus"
+    for name in ["a/x.jsonl", "b/x.jsonl", "b/x.json", "b/x.jsonl.gz"]:
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(corpus / name, [{"text": f"{name} one"}, {"text": f"{name} two"}])
+    (corpus / "b" / "x.txt").write_text("plain")
+    ids = [d.id for d in read_documents(corpus)]
+    assert ids == ["a/x.jsonl:1", "a/x.jsonl:2", "b/x.json:1", "b/x.json:2", "b/x.jsonl:1", "b/x.jsonl:2",
+                   "b/x.jsonl.gz:1", "b/x.jsonl.gz:2", "b/x.txt:0"]
+    # the same ids from two files named explicitly (their common folder is the root), from a glob,
+    # and from one shard read alone with the corpus root (as a per-shard worker does)
+    assert [d.id for d in read_documents([corpus / "a" / "x.jsonl", corpus / "b" / "x.jsonl"])] == \
+        ["a/x.jsonl:1", "a/x.jsonl:2", "b/x.jsonl:1", "b/x.jsonl:2"]
+    assert [d.id for d in read_documents(str(corpus / "*" / "x.jsonl"))] == \
+        ["a/x.jsonl:1", "a/x.jsonl:2", "b/x.jsonl:1", "b/x.jsonl:2"]
+    assert corpus_root(corpus) == corpus and corpus_root(corpus / "a" / "x.jsonl") == corpus / "a"
+    assert [d.id for d in read_documents(corpus / "b" / "x.json", root=corpus_root(corpus))] == \
+        ["b/x.json:1", "b/x.json:2"]
+    moved = shutil.move(str(corpus), str(tmp_path / "elsewhere"))
+    assert [d.id for d in read_documents(moved)] == ids
+
+
+def test_duplicate_explicit_ids_are_an_error_naming_both_places(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "d1", "text": "one"}, {"id": "d2", "text": "two"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "d3", "text": "three"}, {"id": "d2", "text": "again"}])
+    for _ in range(2):  # every pass over the corpus raises, after the same documents
+        reader = read_documents(tmp_path)
+        seen = []
+        with pytest.raises(DuplicateIdError) as err:
+            seen += [d.id for d in reader]
+        assert seen == [] and reader.report.n_documents == 3
+        assert str(err.value).startswith(f"duplicate document id 'd2': {a}:2 and {b}:2")
+    assert isinstance(err.value, ValueError)
+    # one shard at a time sees no duplicate: check_unique_ids reads the corpus once, up front
+    assert [d.id for d in read_documents(b)] == ["d3", "d2"]
+    with pytest.raises(DuplicateIdError, match=f"{a}:2 and {b}:2"):
+        check_unique_ids([a, b])
+    assert check_unique_ids(a).n_documents == 2
+    # within one file, and an explicit id equal to another line's fallback id
+    c = write_jsonl(tmp_path / "c.jsonl", [{"id": "c.jsonl:2", "text": "x"}, {"text": "y"}])
+    with pytest.raises(DuplicateIdError, match=f"{c}:1 and {c}:2"):
+        list(read_documents(c))
+
+
+@pytest.mark.parametrize("name", ["t.jsonl.gz", "t.txt.gz"])
+def test_truncated_gzip_is_a_bad_shard(tmp_path, name):
+    records = [{"id": f"d{i}", "text": f"document {i} " + "word " * 40} for i in range(400)]
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    bad = tmp_path / name
+    bad.write_bytes(data[: len(data) // 2])
+    good = write_jsonl(tmp_path / "u.jsonl", [{"id": "u", "text": "after the bad shard"}])
+    report = CorpusReport()
+    docs = list(read_documents([bad, good], report=report))
+    kept = [d for d in docs if d.source == str(bad)]
+    if name.endswith(".jsonl.gz"):  # the documents before the truncation are kept, in order, whole
+        assert 0 < len(kept) < len(records)
+        assert [(d.id, d.text) for d in kept] == [(r["id"], r["text"]) for r in records[: len(kept)]]
+    else:  # one document per file: the truncated file yields none
+        assert kept == []
+    assert docs[-1].id == "u" and report.skipped == {"unreadable file": 1}
+    (entry,) = report.bad_shards
+    assert entry.startswith(f"{bad}:{len(kept) + 1 if name.endswith('.jsonl.gz') else ''}")
+    assert "EOFError" in entry and entry in report.summary()
+
+
+def test_plain_file_named_gz_is_a_bad_shard(tmp_path):
+    path = write_jsonl(tmp_path / "plain.jsonl", [{"text": "not compressed"}]).rename(tmp_path / "plain.jsonl.gz")
+    report = CorpusReport()
+    assert list(read_documents(path, report=report)) == []
+    assert report.n_skipped == 1 and report.examples == [f"{path}:1: unreadable file"]
+    assert report.bad_shards == [f"{path}:1: BadGzipFile: Not a gzipped file (b'{{\"')"]
