@@ -12,8 +12,8 @@ import sys
 
 from . import defaults
 
-CORPUS_HELP = ("JSONL(.gz/.zst) / Parquet / text files, `datasets` directories, directories or globs "
-               "(default: the embedded 8-domain corpus)")
+CORPUS_HELP = ("JSON lines / text files (optionally .gz or .zst), Parquet files, `datasets` save_to_disk "
+               "directories, directories or globs (default: the embedded 8-domain corpus)")
 
 
 def parse_count(text: str) -> int:

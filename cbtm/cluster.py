@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import ops
 from . import defaults
 from .assignments import corpus_paths, read_assignments
-from .corpus import CorpusReport, fingerprint, list_shards, read_documents, split_of
+from .corpus import CorpusReport, check_unique_ids, corpus_root, fingerprint, list_shards, read_documents, split_of
 from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
 from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
@@ -142,12 +142,14 @@ def shard_key(path: str | Path) -> str:
     return f"{stem}-{hashlib.blake2b(str(path).encode(), digest_size=4).hexdigest()}"
 
 
-def _shard_state(path: Path, router_fp: str, balanced: bool, write_docs: bool, label_field: str | None) -> dict:
+def _shard_state(path: Path, router_fp: str, balanced: bool, write_docs: bool, label_field: str | None,
+                 root: str) -> dict:
     st = path.stat()
     from . import __version__
 
-    return {"cbtm": __version__, "shard": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "router": router_fp,
-            "balanced": balanced, "write_docs": write_docs, "label_field": label_field}
+    return {"cbtm": __version__, "shard": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "router": router_fp, "balanced": balanced, "write_docs": write_docs, "label_field": label_field,
+            "root": root}
 
 
 def _assign_shard(run_path: str, shard: str, opts: dict) -> dict:
@@ -163,7 +165,8 @@ def _assign_shard(run_path: str, shard: str, opts: dict) -> dict:
     report = CorpusReport()
     docs, parts = [], []
     batch: list = []
-    for doc in read_documents(shard, text_field=opts["text_field"], id_field=opts["id_field"], report=report):
+    for doc in read_documents(shard, text_field=opts["text_field"], id_field=opts["id_field"], report=report,
+                              root=opts["root"]):
         batch.append(doc)
         if len(batch) >= _BATCH:
             parts.append(embedder.transform([d.text for d in batch]))  # (b, n_components)
@@ -194,7 +197,7 @@ def _assign_shard(run_path: str, shard: str, opts: dict) -> dict:
         atomic_write_text(out_dir / "clusters" / f"cluster_{c:03d}" / f"{key}.jsonl", "\n".join(rows) + "\n")
     atomic_write_text(out_dir / f"{key}.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     marker = {**opts["state"], "key": key, "documents": len(lines), "skipped_lines": report.n_skipped,
-              "skip_examples": report.examples[:20],
+              "skip_examples": report.examples[:20], "bad_shards": report.bad_shards,
               "sizes": {f"{c}:{s}": n for (c, s), n in sorted(counts.items())}}
     atomic_write_json(out_dir / f"{key}.json", marker)
     return marker
@@ -219,17 +222,20 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
         raise FileNotFoundError(f"{run.manifest_path} has no fitted router: run `cbtm cluster fit` first")
     paths = corpus_paths(corpus if corpus is not None else manifest.get("corpus", {}).get("paths"))
     shards = list_shards(paths)
+    root = str(corpus_root(paths))
+    if fingerprint(paths) != (manifest.get("corpus") or {}).get("fingerprint"):
+        check_unique_ids(paths, text_field=cfg["text_field"], id_field=cfg["id_field"])  # fit checked its corpus
     router_fp = _router_fingerprint(run)
     run.assignments.mkdir(parents=True, exist_ok=True)
     todo, done = [], []
     for shard in shards:
-        state = _shard_state(shard, router_fp, balanced, write_docs, label_field)
+        state = _shard_state(shard, router_fp, balanced, write_docs, label_field, root)
         marker = run.assignments / f"{shard_key(shard)}.json"
         if marker.is_file() and all(read_json(marker).get(key) == v for key, v in state.items()):
             done.append(read_json(marker))
         else:
             todo.append((str(shard), state))
-    base = {"balanced": balanced, "write_docs": write_docs, "label_field": label_field,
+    base = {"balanced": balanced, "write_docs": write_docs, "label_field": label_field, "root": root,
             "text_field": cfg["text_field"], "id_field": cfg["id_field"],
             "valid_fraction": cfg["valid_fraction"], "seed": cfg["seed"]}
     bar = tqdm(total=len(shards), initial=len(done), desc="assigning shards", unit="shard", disable=not progress)

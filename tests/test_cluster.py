@@ -133,3 +133,21 @@ def test_cli_and_clear_errors(shards, tmp_path, capsys):
     assert main(["cluster", "fit", str(tmp_path / "missing.jsonl"), "--out", str(run), "-k", "3"]) == 2
     with pytest.raises(ValueError, match="fewer than k"):
         cluster.fit(str(corpus / "part1.jsonl"), tmp_path / "r2", k=10_000, sample=20_000, progress=False)
+
+
+def test_assign_ids_of_same_named_files_in_subfolders(tmp_path):
+    """Id-less documents of a/x.jsonl and b/x.jsonl get distinct fallback ids in every stage, so
+    the per-shard assignment covers the whole corpus (it used to collide on `x:line`)."""
+    from cbtm.assignments import iter_documents, read_records
+
+    docs = list(islice(read_documents(default_corpus_path()), 0, 1200, 8))
+    for sub, part in (("a", docs[::2]), ("b", docs[1::2])):
+        (tmp_path / "corpus" / sub).mkdir(parents=True)
+        with open(tmp_path / "corpus" / sub / "x.jsonl", "w") as fh:
+            fh.writelines(json.dumps({"text": d.text}) + "\n" for d in part)
+    run = tmp_path / "run"
+    cluster.fit(str(tmp_path / "corpus"), run, k=2, n_components=8, progress=False)
+    cluster.assign(None, run, workers=1, progress=False)
+    records = read_records(run)
+    assert len(records) == len(docs)
+    assert sum(1 for _ in iter_documents(run)) == len(docs)
