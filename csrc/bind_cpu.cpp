@@ -3,12 +3,17 @@
 
 #include <omp.h>
 
-#include "kernels_cpu.h"
+#include <memory>
+
+#include "binding.h"
+#include "centroid_cpu.h"
+#include "distance_cpu.h"
 
 namespace py = pybind11;
 using cbtm::Array;
 using cbtm::DType;
 using cbtm::ValueError;
+namespace cpu = cbtm::cpu;
 
 namespace {
 
@@ -16,13 +21,13 @@ struct Inputs {
   Inputs(py::handle x, py::handle c) : xa(x, "x", false), ca(c, "centers", false) {
     if (xa.ndim != 2 || ca.ndim != 2) throw ValueError("x and centers must be 2-D");
     if (xa.cols() != ca.cols()) throw ValueError("x and centers must have the same number of columns");
-    px = cbtm::cpu::load_points(xa);
-    pc = cbtm::cpu::load_points(ca);
-    packed = cbtm::cpu::pack_centers(pc);
+    px = cpu::load_points(xa.view(), "x");
+    pc = cpu::load_points(ca.view(), "centers");
+    packed = cpu::pack_centers(pc);
   }
   Array xa, ca;
-  cbtm::cpu::Points px, pc;
-  cbtm::cpu::Centers packed;
+  cpu::Points px, pc;
+  cpu::Centers packed;
 };
 
 void assign(py::handle x, py::handle centers, py::object bias, py::handle labels, py::handle sqdist) {
@@ -39,7 +44,7 @@ void assign(py::handle x, py::handle centers, py::object bias, py::handle labels
     b = ba->ptr<float>();
   }
   py::gil_scoped_release nogil;
-  cbtm::cpu::assign(in.px, in.packed, b, lab.ptr<int64_t>(), dist.ptr<float>());
+  cpu::assign(in.px, in.packed, b, lab.ptr<int64_t>(), dist.ptr<float>());
 }
 
 void pairwise_sqdist(py::handle x, py::handle centers, py::handle out) {
@@ -47,19 +52,19 @@ void pairwise_sqdist(py::handle x, py::handle centers, py::handle out) {
   Array o(out, "out", false);
   o.expect_output(DType::f32, in.px.n, in.packed.k);
   py::gil_scoped_release nogil;
-  cbtm::cpu::pairwise_sqdist(in.px, in.packed, o.ptr<float>());
+  cpu::pairwise_sqdist(in.px, in.packed, o.ptr<float>());
 }
 
 void centroid_update(py::handle x, py::handle labels, py::handle sums, py::handle counts) {
   Array xa(x, "x", false), la(labels, "labels", false), sa(sums, "sums", false), ca(counts, "counts", false);
-  const cbtm::cpu::Points px = cbtm::cpu::load_points(xa);
+  const cpu::Points px = cpu::load_points(xa.view(), "x");
   la.expect(DType::i64);
   if (la.rows() != px.n || !la.compact()) throw ValueError("labels must be a compact int64 array of shape (N,)");
   const int64_t k = sa.rows();
   sa.expect_output(DType::f64, k, px.d);
   ca.expect_output(DType::i64, k, 1);
   py::gil_scoped_release nogil;
-  cbtm::cpu::centroid_update(px, la.ptr<int64_t>(), k, sa.ptr<double>(), ca.ptr<int64_t>());
+  cpu::centroid_update(px, la.ptr<int64_t>(), k, sa.ptr<double>(), ca.ptr<int64_t>());
 }
 
 py::dict balanced_assign(py::handle x, py::handle centers, int64_t capacity, py::handle prices, bool warm,
@@ -72,15 +77,10 @@ py::dict balanced_assign(py::handle x, py::handle centers, int64_t capacity, py:
   cbtm::SolveStats st;
   {
     py::gil_scoped_release nogil;
-    st = cbtm::cpu::balanced_assign(in.px, in.packed, capacity, p, warm, lab.ptr<int64_t>());
+    st = cpu::balanced_assign(in.px, in.packed, capacity, p, warm, lab.ptr<int64_t>());
   }
   std::copy(p.begin(), p.end(), pa.ptr<float>());
-  py::dict out;
-  out["effective_passes"] = (double)st.rows / (double)in.px.n;
-  out["rounds"] = st.rounds;
-  out["augments"] = st.augments;
-  out["cached"] = st.cached;
-  return out;
+  return cbtm::stats_dict(st, in.px.n);
 }
 
 }  // namespace

@@ -3,8 +3,9 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
-#include "array.h"
-#include "kernels_cuda.h"
+#include "binding.h"
+#include "centroid_cuda.h"
+#include "distance_cuda.h"
 
 namespace py = pybind11;
 using cbtm::Array;
@@ -26,12 +27,16 @@ class DeviceGuard {
   int prev_ = 0;
 };
 
-cbtm::cuda::DeviceRows rows_of(const Array& a, const char* name) {
+// Device rows with unit column stride (row stride of a single row: its length).
+cbtm::MatrixView rows_of(const Array& a, const char* name) {
   if (a.ndim != 2) throw ValueError(std::string(name) + " must be 2-D");
   if (a.dtype != DType::f32 && a.dtype != DType::f16 && a.dtype != DType::bf16)
     throw ValueError(std::string(name) + ": expected float32, float16 or bfloat16");
   if (!a.row_contiguous()) throw ValueError(std::string(name) + ": rows must be contiguous (call .contiguous())");
-  return {a.data, a.dtype, a.rows(), a.cols(), a.rows() > 1 ? a.strides[0] : a.cols()};
+  cbtm::MatrixView v = a.view();
+  if (a.rows() <= 1) v.ld = a.cols();
+  v.cs = 1;
+  return v;
 }
 
 struct Inputs {
@@ -43,7 +48,7 @@ struct Inputs {
   }
   Array xa, ca;
   DeviceGuard guard;
-  cbtm::cuda::DeviceRows xr{}, cr{};
+  cbtm::MatrixView xr{}, cr{};
 };
 
 void assign(py::handle x, py::handle centers, py::object bias, py::handle labels, py::handle sqdist, int64_t stream) {
@@ -100,12 +105,7 @@ py::dict balanced_assign(py::handle x, py::handle centers, int64_t capacity, py:
   }
   std::copy(p.begin(), p.end(), hp.begin());
   cudaMemcpy(pa.data, hp.data(), in.cr.n * sizeof(float), cudaMemcpyHostToDevice);
-  py::dict out;
-  out["effective_passes"] = (double)st.rows / (double)in.xr.n;
-  out["rounds"] = st.rounds;
-  out["augments"] = st.augments;
-  out["cached"] = st.cached;
-  return out;
+  return cbtm::stats_dict(st, in.xr.n);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Element types, conversions and small helpers shared by the CPU and CUDA kernels.
+// Element types, conversions and small helpers shared by the CPU and CUDA kernels (no pybind11).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -53,6 +53,16 @@ inline float bf16_to_float(uint16_t h) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+// A borrowed 1-D or 2-D array: element (i, t) at data + (i * ld + t * cs) elements. 1-D arrays are
+// (n, 1). Bindings build it from a DLPack tensor; kernels never see Python objects.
+struct MatrixView {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  int64_t n = 0, d = 0;    // rows, columns
+  int64_t ld = 0, cs = 1;  // row and column strides, in elements
+  bool unit_cols() const { return cs == 1 || d == 1; }
+};
 
 struct ValueError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;

@@ -1,4 +1,4 @@
-#include "kernels_cpu.h"
+#include "distance_cpu.h"
 
 #include <omp.h>
 
@@ -12,7 +12,6 @@ namespace {
 
 constexpr int PB = 8;   // points per micro-tile
 constexpr int KB = 16;  // centres per panel
-constexpr int64_t kParallelWork = 1 << 16;  // below this many point*centre pairs, one thread
 
 // out: (PB, KB) dot products of PB point rows with one centre panel. Eight explicit vector
 // accumulators (GCC vector extension) so they stay in registers.
@@ -84,17 +83,6 @@ void for_each_row(const Points& x, const Centers& c, const int64_t* idx, int64_t
   if (bad) throw ValueError("x contains NaN or Inf (or values whose square overflows float32)");
 }
 
-template <class T, class Cvt>
-void convert(const Array& a, Points& out, Cvt cvt) {
-  out.own.resize((size_t)out.n * out.d);
-  const T* src = a.ptr<T>();
-#pragma omp parallel for if (out.n * out.d > kParallelWork)
-  for (int64_t i = 0; i < out.n; ++i)
-    for (int64_t t = 0; t < out.d; ++t) out.own[i * out.d + t] = cvt(src[i * a.strides[0] + t * a.strides[1]]);
-  out.base = out.own.data();
-  out.ld = out.d;
-}
-
 class CpuOracle final : public DistanceOracle {
  public:
   CpuOracle(const Points& x, const Centers& c) : x_(x), c_(c) {}
@@ -117,24 +105,6 @@ class CpuOracle final : public DistanceOracle {
 };
 
 }  // namespace
-
-Points load_points(const Array& a) {
-  Points p;
-  p.n = a.rows();
-  p.d = a.cols();
-  if (a.dtype == DType::f32 && a.row_contiguous()) {
-    p.base = a.ptr<float>();
-    p.ld = a.strides[0];
-    return p;
-  }
-  switch (a.dtype) {
-    case DType::f32: convert<float>(a, p, [](float v) { return v; }); break;
-    case DType::f16: convert<uint16_t>(a, p, half_to_float); break;
-    case DType::bf16: convert<uint16_t>(a, p, bf16_to_float); break;
-    default: throw ValueError("expected float32, float16 or bfloat16 points");
-  }
-  return p;
-}
 
 Centers pack_centers(const Points& c) {
   Centers out;
@@ -177,31 +147,6 @@ void pairwise_sqdist(const Points& x, const Centers& c, float* out) {
   for_each_row(x, c, nullptr, x.n, [&](int64_t i, const float* dist) {
     for (int64_t j = 0; j < k; ++j) out[i * k + j] = std::max(dist[j], 0.f);
   });
-}
-
-void centroid_update(const Points& x, const int64_t* labels, int64_t k, double* sums, int64_t* counts) {
-  const int64_t d = x.d;
-  for (int64_t i = 0; i < x.n; ++i)
-    if (labels[i] < 0 || labels[i] >= k)
-      throw ValueError("centroid_update: label " + std::to_string(labels[i]) + " at index " + std::to_string(i) +
-                       " is outside [0, " + std::to_string(k) + ")");
-#pragma omp parallel if (x.n * d > kParallelWork)
-  {
-    std::vector<double> ls((size_t)k * d, 0.0);
-    std::vector<int64_t> lc(k, 0);
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < x.n; ++i) {
-      const float* r = x.row(i);
-      double* s = ls.data() + labels[i] * d;
-      for (int64_t t = 0; t < d; ++t) s[t] += r[t];
-      ++lc[labels[i]];
-    }
-#pragma omp critical
-    {
-      for (int64_t e = 0; e < k * d; ++e) sums[e] += ls[e];
-      for (int64_t j = 0; j < k; ++j) counts[j] += lc[j];
-    }
-  }
 }
 
 SolveStats balanced_assign(const Points& x, const Centers& c, int64_t cap, std::vector<double>& prices,

@@ -14,7 +14,7 @@
 //     points with the smallest margins move to their next best cluster);
 //  5. when a round stops making progress (points shuttling between tied clusters), shortest-path
 //     augmentations over the K clusters (Dijkstra on reduced costs) finish the job exactly.
-#include "balanced.h"
+#include "balanced_solver.h"
 
 #include <algorithm>
 #include <cmath>

@@ -3,19 +3,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "array.h"
-#include "balanced.h"
+#include "balanced_solver.h"
+#include "points_cpu.h"
 
 namespace cbtm::cpu {
-
-// Points as compact-row float32 (converted from float16 / bfloat16 / strided input when needed).
-struct Points {
-  const float* base = nullptr;
-  int64_t ld = 0, n = 0, d = 0;
-  std::vector<float> own;
-  const float* row(int64_t i) const { return base + i * ld; }
-};
-Points load_points(const Array& a);
 
 // Centres packed for the micro-kernel: panels of 16 centres, (D, 16) each, zero padded.
 struct Centers {
@@ -29,8 +20,6 @@ Centers pack_centers(const Points& c);
 void assign(const Points& x, const Centers& c, const float* bias, int64_t* labels, float* sqdist);
 // out: (N, K)
 void pairwise_sqdist(const Points& x, const Centers& c, float* out);
-// sums: (K, D) += per-cluster sums; counts: (K,) += per-cluster counts.
-void centroid_update(const Points& x, const int64_t* labels, int64_t k, double* sums, int64_t* counts);
 // labels: (N,) exact balanced assignment; prices: (K,) in/out (warm: from an earlier solve).
 SolveStats balanced_assign(const Points& x, const Centers& c, int64_t cap, std::vector<double>& prices,
                            bool warm, int64_t* labels);

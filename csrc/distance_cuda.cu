@@ -1,55 +1,18 @@
 // CUDA kernels. One tiled distance kernel (128 points per block, 32 centres per register tile,
 // 32 dimensions per shared-memory chunk) with a fused epilogue per op: no N x K matrix except
 // where the op returns one.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cmath>
 #include <limits>
-#include <stdexcept>
 
-#include "kernels_cuda.h"
+#include "cuda_common.cuh"
+#include "distance_cuda.h"
 
 namespace cbtm::cuda {
 namespace {
 
-#define CBTM_CUDA_CHECK(expr)                                                                      \
-  do {                                                                                             \
-    const cudaError_t err_ = (expr);                                                               \
-    if (err_ != cudaSuccess)                                                                       \
-      throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(err_) + " (" #expr ")"); \
-  } while (0)
-
 constexpr int TP = 128;  // points per block, one per thread
 constexpr int KT = 32;   // centres per register tile
 constexpr int DT = 32;   // dimensions per shared-memory chunk
-
-inline cudaStream_t as_stream(int64_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-// Device memory released on scope exit (stream-ordered).
-template <class T>
-class Buffer {
- public:
-  Buffer(size_t n, cudaStream_t s) : n_(n), s_(s) {
-    if (n) CBTM_CUDA_CHECK(cudaMallocAsync(&p_, n * sizeof(T), s));
-  }
-  ~Buffer() {
-    if (p_) cudaFreeAsync(p_, s_);
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  T* get() const { return p_; }
-
- private:
-  T* p_ = nullptr;
-  size_t n_;
-  cudaStream_t s_;
-};
-
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
 
 // Squared distances of 128 points (rows idx[i] or i) to all K centres, handed to epi.take() tile by
 // tile; epi.finish() once per point. c: (K, D) float32 compact, cnorm: (K,).
@@ -187,21 +150,6 @@ __global__ void centers_kernel(const void* c, DType dt, int64_t k, int64_t d, in
   }
 }
 
-template <class T>
-__global__ void centroid_kernel(const T* __restrict__ x, int64_t ldx, int64_t n, int64_t d,
-                                const int64_t* __restrict__ labels, int64_t k, double* sums,
-                                unsigned long long* counts, int* bad) {
-  const int64_t i = blockIdx.x;
-  if (i >= n) return;
-  const int64_t l = labels[i];
-  if (l < 0 || l >= k) {
-    if (threadIdx.x == 0) atomicOr(bad, 1);
-    return;
-  }
-  for (int64_t t = threadIdx.x; t < d; t += blockDim.x) atomicAdd(&sums[l * d + t], (double)load(x, i * ldx + t));
-  if (threadIdx.x == 0) atomicAdd(&counts[l], 1ULL);
-}
-
 __global__ void widen_kernel(const int32_t* in, int64_t* out, int64_t n) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) out[i] = in[i];
@@ -209,7 +157,7 @@ __global__ void widen_kernel(const int32_t* in, int64_t* out, int64_t n) {
 
 // Centres as compact float32 on the device, with their squared norms.
 struct DeviceCenters {
-  DeviceCenters(const DeviceRows& c, cudaStream_t s) : k(c.n), d(c.d), data((size_t)c.n * c.d, s), norm(c.n, s) {
+  DeviceCenters(const MatrixView& c, cudaStream_t s) : k(c.n), d(c.d), data((size_t)c.n * c.d, s), norm(c.n, s) {
     centers_kernel<<<(unsigned)k, 128, 0, s>>>(c.data, c.dtype, k, d, c.ld, data.get(), norm.get());
     CBTM_CUDA_CHECK(cudaGetLastError());
   }
@@ -218,7 +166,7 @@ struct DeviceCenters {
 };
 
 template <class Epi>
-void launch(const DeviceRows& x, const DeviceCenters& c, const int64_t* idx, int64_t n, Epi epi, cudaStream_t s) {
+void launch(const MatrixView& x, const DeviceCenters& c, const int64_t* idx, int64_t n, Epi epi, cudaStream_t s) {
   if (n == 0) return;
   const unsigned blocks = (unsigned)((n + TP - 1) / TP);
   switch (x.dtype) {
@@ -240,29 +188,12 @@ void launch(const DeviceRows& x, const DeviceCenters& c, const int64_t* idx, int
   CBTM_CUDA_CHECK(cudaGetLastError());
 }
 
-// A device flag raised by kernels on non-finite input.
-class BadFlag {
- public:
-  explicit BadFlag(cudaStream_t s) : s_(s), buf_(1, s) { CBTM_CUDA_CHECK(cudaMemsetAsync(buf_.get(), 0, sizeof(int), s)); }
-  int* get() const { return buf_.get(); }
-  void check(const char* msg) const {
-    int h = 0;
-    CBTM_CUDA_CHECK(cudaMemcpyAsync(&h, buf_.get(), sizeof(int), cudaMemcpyDeviceToHost, s_));
-    CBTM_CUDA_CHECK(cudaStreamSynchronize(s_));
-    if (h) throw ValueError(msg);
-  }
-
- private:
-  cudaStream_t s_;
-  Buffer<int> buf_;
-};
-
 constexpr const char* kNonFinite = "x contains NaN or Inf (or values whose square overflows float32)";
 
 // Distances for the host-side balanced solver: full passes and cached rows run on the GPU.
 class CudaOracle final : public DistanceOracle {
  public:
-  CudaOracle(const DeviceRows& x, const DeviceCenters& c, cudaStream_t s)
+  CudaOracle(const MatrixView& x, const DeviceCenters& c, cudaStream_t s)
       : x_(x), c_(c), s_(s), prices_(c.k, s), labels_(x.n, s), margin_(x.n, s) {}
   void full_pass(const double* prices, int32_t* labels, float* margin) override {
     const int64_t n = x_.n;
@@ -288,7 +219,7 @@ class CudaOracle final : public DistanceOracle {
   }
 
  private:
-  const DeviceRows& x_;
+  const MatrixView& x_;
   const DeviceCenters& c_;
   cudaStream_t s_;
   Buffer<double> prices_;
@@ -324,7 +255,7 @@ std::string device_status() {
   return n ? out : "no CUDA device";
 }
 
-void assign(const DeviceRows& x, const DeviceRows& c, const float* bias, int64_t* labels, float* sqdist,
+void assign(const MatrixView& x, const MatrixView& c, const float* bias, int64_t* labels, float* sqdist,
             int64_t stream) {
   const cudaStream_t s = as_stream(stream);
   DeviceCenters dc(c, s);
@@ -333,7 +264,7 @@ void assign(const DeviceRows& x, const DeviceRows& c, const float* bias, int64_t
   bad.check(kNonFinite);
 }
 
-void pairwise_sqdist(const DeviceRows& x, const DeviceRows& c, float* out, int64_t stream) {
+void pairwise_sqdist(const MatrixView& x, const MatrixView& c, float* out, int64_t stream) {
   const cudaStream_t s = as_stream(stream);
   DeviceCenters dc(c, s);
   BadFlag bad(s);
@@ -341,31 +272,7 @@ void pairwise_sqdist(const DeviceRows& x, const DeviceRows& c, float* out, int64
   bad.check(kNonFinite);
 }
 
-void centroid_update(const DeviceRows& x, const int64_t* labels, int64_t k, double* sums, int64_t* counts,
-                     int64_t stream) {
-  const cudaStream_t s = as_stream(stream);
-  if (x.n == 0) return;
-  BadFlag bad(s);
-  auto* cnt = reinterpret_cast<unsigned long long*>(counts);
-  const unsigned blocks = (unsigned)x.n;
-  switch (x.dtype) {
-    case DType::f32:
-      centroid_kernel<<<blocks, 128, 0, s>>>(static_cast<const float*>(x.data), x.ld, x.n, x.d, labels, k, sums, cnt, bad.get());
-      break;
-    case DType::f16:
-      centroid_kernel<<<blocks, 128, 0, s>>>(static_cast<const __half*>(x.data), x.ld, x.n, x.d, labels, k, sums, cnt, bad.get());
-      break;
-    case DType::bf16:
-      centroid_kernel<<<blocks, 128, 0, s>>>(static_cast<const __nv_bfloat16*>(x.data), x.ld, x.n, x.d, labels, k, sums, cnt, bad.get());
-      break;
-    default:
-      throw ValueError("x: expected float32, float16 or bfloat16");
-  }
-  CBTM_CUDA_CHECK(cudaGetLastError());
-  bad.check("centroid_update: a label is outside [0, K)");
-}
-
-SolveStats balanced_assign(const DeviceRows& x, const DeviceRows& c, int64_t cap, std::vector<double>& prices,
+SolveStats balanced_assign(const MatrixView& x, const MatrixView& c, int64_t cap, std::vector<double>& prices,
                            bool warm, int64_t* labels, int64_t stream) {
   const cudaStream_t s = as_stream(stream);
   DeviceCenters dc(c, s);

@@ -1,8 +1,10 @@
-// Arrays received from Python through DLPack (numpy arrays, torch tensors, anything exporting
-// __dlpack__): a borrowed view that releases the producer's tensor exactly once.
+// Helpers shared by the bindings of cbtm._C and cbtm._cuda: arrays received from Python through
+// DLPack (numpy arrays, torch tensors, anything exporting __dlpack__) as a borrowed view that
+// releases the producer's tensor exactly once, and the solver statistics as a dict.
 #pragma once
 #include <pybind11/pybind11.h>
 
+#include "balanced_solver.h"
 #include "common.h"
 #include "dlpack.h"
 
@@ -73,6 +75,7 @@ class Array {
   bool compact() const { return row_contiguous() && (strides[0] == shape[1] || shape[0] <= 1); }
   template <class T>
   T* ptr() const { return static_cast<T*>(data); }
+  MatrixView view() const { return {data, dtype, shape[0], shape[1], strides[0], strides[1]}; }
 
   void expect(DType t) const {
     if (dtype != t)
@@ -114,5 +117,15 @@ class Array {
   DLManagedTensor* legacy_ = nullptr;
   DLManagedTensorVersioned* versioned_ = nullptr;
 };
+
+// Statistics of one balanced solve of n points, as returned to Python.
+inline py::dict stats_dict(const SolveStats& st, int64_t n) {
+  py::dict out;
+  out["effective_passes"] = (double)st.rows / (double)n;
+  out["rounds"] = st.rounds;
+  out["augments"] = st.augments;
+  out["cached"] = st.cached;
+  return out;
+}
 
 }  // namespace cbtm
