@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
+from .defaults import MAX_ITER
 from .rundir import atomic_save_safetensors, atomic_write_json
 
 try:
@@ -19,6 +20,9 @@ except ImportError:
     torch = None
 
 _FORMAT = "cbtm.BalancedKMeans/1"
+TOL = 1e-4  # stop when the squared centre shift is at most TOL x the mean feature variance
+INIT = "k-means++"
+KMEANSPP_TRIALS = 2  # k-means++ tries KMEANSPP_TRIALS + log(K) candidates per centre
 
 
 def _is_torch(a) -> bool:
@@ -52,11 +56,15 @@ class BalancedKMeans:
     prices of the last balanced assignment (``predict(X, balanced=True)`` uses them),
     ``labels_`` (N,), ``inertia_`` (sum of squared distances), ``n_iter_``,
     ``inertia_history_`` (objective of each iteration's assignment; it never increases),
-    ``counts_`` (points per cluster accumulated by partial_fit), ``n_features_in_``.
+    ``counts_`` (points per cluster accumulated by partial_fit), ``n_features_in_``,
+    ``solve_stats_`` (statistics of the last balanced assignment, see ``ops.balanced_assign``;
+    None when no balanced assignment ran).
+
+    ``from_centers`` builds a fitted estimator from given centres; ``with_center`` adds one.
     """
 
-    def __init__(self, n_clusters: int, balanced: bool = True, max_iter: int = 20, tol: float = 1e-4,
-                 init="k-means++", seed: int = 0, device: str = "cpu"):
+    def __init__(self, n_clusters: int, balanced: bool = True, max_iter: int = MAX_ITER, tol: float = TOL,
+                 init=INIT, seed: int = 0, device: str = "cpu"):
         if int(n_clusters) != n_clusters or n_clusters < 1:
             raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}")
         if int(max_iter) != max_iter or max_iter < 1:
@@ -127,7 +135,7 @@ class BalancedKMeans:
             raise ValueError("X contains NaN or Inf")
         if self.init == "random":
             return Xn[rng.choice(n, k, replace=False)].copy()
-        trials = 2 + int(math.log(k))
+        trials = KMEANSPP_TRIALS + int(math.log(k))
         centers = np.empty((k, Xn.shape[1]), np.float32)
         centers[0] = Xn[rng.integers(n)]
         closest = ops.pairwise_sqdist(Xn, centers[:1])[:, 0].astype(np.float64)  # (N,)
@@ -151,8 +159,13 @@ class BalancedKMeans:
     def _assign(self, X, centers, prices):
         """labels of X under centers: exact balanced (capacity ceil(N/K)) or nearest centre."""
         if self.balanced:
-            return ops.balanced_assign(X, centers, prices=prices)
+            return self._balanced_assign(X, centers, prices)
         labels, _ = ops.assign(X, centers)
+        return labels, prices
+
+    def _balanced_assign(self, X, centers, prices):
+        """ops.balanced_assign, keeping its statistics in ``solve_stats_``."""
+        labels, prices, self.solve_stats_ = ops.balanced_assign(X, centers, prices=prices, return_stats=True)
         return labels, prices
 
     @staticmethod
@@ -204,6 +217,7 @@ class BalancedKMeans:
         rng = np.random.default_rng(self.seed)
         centers = self._init_centers(X, rng)
         self.n_features_in_ = X.shape[1]
+        self.solve_stats_ = None
         sq = self._sq_norm_sum(X)
         Xn_var = ops.to_numpy(X.float().var(0) if _is_torch(X) else X.astype(np.float64).var(0))
         tol = self.tol * float(np.mean(Xn_var))
@@ -241,6 +255,7 @@ class BalancedKMeans:
             return self
         first = self._prepare(next(iter(source)))
         self.n_features_in_ = first.shape[1]
+        self.solve_stats_ = None
         centers = self._init_centers(first, np.random.default_rng(self.seed))
         prices, history, tol = None, [], None
         for it in range(self.max_iter):
@@ -278,7 +293,7 @@ class BalancedKMeans:
     def _assign_chunk(self, X, centers, prices):
         """Assignment of one chunk: balanced within the chunk when it has at least K points."""
         if self.balanced and X.shape[0] >= self.n_clusters:
-            return ops.balanced_assign(X, centers, prices=prices)
+            return self._balanced_assign(X, centers, prices)
         labels, _ = ops.assign(X, centers)
         return labels, prices
 
@@ -296,6 +311,7 @@ class BalancedKMeans:
             self.prices_ = np.zeros(self.n_clusters, np.float32)
             self.inertia_ = 0.0
             self.inertia_history_ = []
+            self.solve_stats_ = None
         elif not hasattr(self, "_sums"):  # fitted by fit() or loaded: continue from its counts
             self._sums = self.cluster_centers_.astype(np.float64) * self.counts_[:, None]
         labels, prices = self._assign_chunk(X, self._centers_like(X), self.prices_)
@@ -334,6 +350,47 @@ class BalancedKMeans:
         X = self._prepare(X)
         _, d = ops.assign(X, self._centers_like(X))
         return -float(ops.to_numpy(d).astype(np.float64).sum())
+
+    # ---------------------------------------------------------------------------------------
+    # construction from given centres
+
+    @classmethod
+    def from_centers(cls, centers, *, prices=None, counts=None, balanced: bool = True, **params) -> "BalancedKMeans":
+        """A fitted estimator whose centres are ``centers`` (K, D), e.g. the mean embeddings of given
+        groups. prices: (K,) for ``predict(balanced=True)`` (default zeros); counts: (K,) points
+        behind each centre (default zeros; ``partial_fit`` continues from them); ``params`` are
+        the other constructor arguments. No fit has run: ``inertia_`` 0, ``n_iter_`` 0."""
+        c = np.array(ops.to_numpy(centers), dtype=np.float32)  # (K, D), a copy
+        if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+            raise ValueError(f"centers: expected a non-empty 2-D array (K, D), got shape {c.shape}")
+        if not np.isfinite(c).all():
+            raise ValueError("centers contains NaN or Inf")
+        k = c.shape[0]
+        model = cls(k, balanced=balanced, **params)
+        model.cluster_centers_ = c
+        model.prices_ = _per_cluster(prices, k, "prices", np.float32, 0.0)
+        model.counts_ = _per_cluster(counts, k, "counts", np.int64, 0)
+        if (model.counts_ < 0).any():
+            raise ValueError("counts must be >= 0")
+        model.n_features_in_ = c.shape[1]
+        model.inertia_, model.n_iter_, model.inertia_history_, model.solve_stats_ = 0.0, 0, [], None
+        return model
+
+    def with_center(self, center, *, count: int = 0, price: float = 0.0) -> "BalancedKMeans":
+        """A new estimator with one more centre (index K): ``center`` (D,), the ``count`` points behind
+        it and its ``price``. The other centres, prices, counts and parameters are kept; this one
+        is unchanged."""
+        self._check_fitted()
+        c = np.asarray(ops.to_numpy(center), dtype=np.float32).reshape(-1)
+        if c.shape != (self.n_features_in_,):
+            raise ValueError(f"center: expected shape ({self.n_features_in_},), got {np.shape(center)}")
+        params = {"max_iter": self.max_iter, "tol": self.tol, "seed": self.seed, "device": self.device}
+        if isinstance(self.init, str):
+            params["init"] = self.init
+        return type(self).from_centers(
+            np.vstack([self.cluster_centers_, c[None]]), balanced=self.balanced,
+            prices=np.append(self.prices_, np.float32(price)), counts=np.append(self.counts_, np.int64(count)),
+            **params)
 
     # ---------------------------------------------------------------------------------------
     # persistence: safetensors + JSON, never pickle
@@ -386,6 +443,7 @@ class BalancedKMeans:
         model.inertia_ = float(meta["inertia"])
         model.n_iter_ = int(meta["n_iter"])
         model.inertia_history_ = list(meta["inertia_history"])
+        model.solve_stats_ = None
         if model.cluster_centers_.shape != (model.n_clusters, model.n_features_in_):
             raise ValueError(f"{path}: cluster_centers has shape {model.cluster_centers_.shape}, "
                              f"expected ({model.n_clusters}, {model.n_features_in_})")
@@ -394,6 +452,18 @@ class BalancedKMeans:
     def __repr__(self) -> str:
         return (f"BalancedKMeans(n_clusters={self.n_clusters}, balanced={self.balanced}, max_iter={self.max_iter}, "
                 f"tol={self.tol}, seed={self.seed}, device={self.device!r})")
+
+
+def _per_cluster(v, k: int, name: str, dtype, default) -> np.ndarray:
+    """A (k,) array of dtype from v (default when None), finite, shape checked."""
+    a = np.full(k, default, dtype) if v is None else np.array(ops.to_numpy(v)).reshape(-1)
+    if a.shape != (k,):
+        raise ValueError(f"{name}: expected shape ({k},), got {a.shape}")
+    if not np.isfinite(a.astype(np.float64)).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    if dtype is np.int64 and not np.array_equal(a, np.round(a)):
+        raise ValueError(f"{name} must be integers")
+    return a.astype(dtype)
 
 
 def _means(sums: np.ndarray, counts: np.ndarray, centers: np.ndarray) -> np.ndarray:

@@ -11,6 +11,8 @@ for CPU tensors under ``TRITON_INTERPRET=1``), their PyTorch reference otherwise
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 _NUMPY_FLOATS = (np.float32, np.float16)
-_last_stats: dict = {}
+_deprecated = threading.local()  # .stats: the calling thread's last solve, for last_solve_stats() only
 
 
 def _cpu_module():
@@ -74,9 +76,13 @@ def cuda_available() -> bool:
 
 
 def last_solve_stats() -> dict:
-    """Statistics of the last balanced_assign call: effective passes over the data (distance rows
-    computed / N), price rounds, shortest-path augmentations, largest candidate cache."""
-    return dict(_last_stats)
+    """Deprecated: use ``balanced_assign(..., return_stats=True)`` (or ``BalancedKMeans.solve_stats_``).
+
+    Statistics of the calling thread's last balanced_assign call (empty before one); kept for one
+    release. Each thread sees only its own solves, so concurrent callers never read each other's."""
+    warnings.warn("cbtm.ops.last_solve_stats() is deprecated: pass return_stats=True to balanced_assign "
+                  "(or read BalancedKMeans.solve_stats_)", DeprecationWarning, stacklevel=2)
+    return dict(getattr(_deprecated, "stats", {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +289,7 @@ def _capacity(n: int, k: int, capacity) -> int:
     return cap
 
 
-def balanced_assign(x, centers, capacity=None, prices=None):
+def balanced_assign(x, centers, capacity=None, prices=None, *, return_stats: bool = False):
     """Exact capacity-constrained assignment of minimum total squared distance.
 
     No cluster receives more than ``capacity`` points (default ceil(N / K)). The result is an
@@ -291,15 +297,18 @@ def balanced_assign(x, centers, capacity=None, prices=None):
     Returns labels: int64 (N,) and prices: float32 (K,), the dual variables: every point sits at
     argmin_k (d_ik + prices_k), so ``assign(x, centers, bias=prices)`` reproduces the labels (up
     to ties) and keeps new data balanced. Passing ``prices`` from an earlier solve warm-starts.
+    ``return_stats=True`` adds a third value, the solve's statistics: ``effective_passes``
+    (distance rows computed / N), ``rounds`` (price rounds), ``augments`` (shortest-path
+    augmentations), ``cached`` (largest candidate set held).
     """
-    global _last_stats
     x, centers = _check_pair(x, centers)
     n, k = x.shape[0], centers.shape[0]
     cap = _capacity(n, k, capacity)
     p = _vector(np.zeros(k, np.float32) if prices is None else prices, x, k, "prices")
     labels = _empty(x, (n,), "i64")
-    _last_stats = dict(_call(x, "balanced_assign", x, centers, cap, p, prices is not None, labels))
-    return labels, p
+    stats = dict(_call(x, "balanced_assign", x, centers, cap, p, prices is not None, labels))
+    _deprecated.stats = stats
+    return (labels, p, dict(stats)) if return_stats else (labels, p)
 
 
 def balanced_assign_ref(x, centers, capacity=None):

@@ -541,8 +541,7 @@ def test_balanced_assign_degenerate_instances_stay_cheap(rng, case):
         x[:] = x[0]
     else:
         c = np.repeat(c[: k // 4], 4, axis=0)
-    labels, prices = ops.balanced_assign(x, c, capacity=cap)
-    stats = ops.last_solve_stats()
+    labels, prices, stats = ops.balanced_assign(x, c, capacity=cap, return_stats=True)
     _check_balanced(x, c, cap, labels, prices)
     if case == "capacity_n":
         assert np.all(prices == 0)
@@ -557,7 +556,7 @@ def test_balanced_assign_large_dual_certificate(mode, extra):
     n, k, d = 20_000, 32, 16
     x, c = _instance(rng, n, k, d, mode)
     cap = -(-n // k) + extra
-    labels, prices = ops.balanced_assign(x, c, capacity=None if extra == 0 else cap)
+    labels, prices, stats = ops.balanced_assign(x, c, capacity=None if extra == 0 else cap, return_stats=True)
     lab, p = labels.astype(np.int64), prices.astype(np.float64)
     counts = np.bincount(lab, minlength=k)
     assert counts.max() <= cap
@@ -571,8 +570,37 @@ def test_balanced_assign_large_dual_certificate(mode, extra):
     # and the constraint matters here: plain nearest-centre assignment is cheaper but over capacity
     plain = dd.min(1).sum()
     assert plain <= primal * (1 + 1e-9)
-    stats = ops.last_solve_stats()
-    assert stats and stats["effective_passes"] > 0
+    assert stats["effective_passes"] > 0
+
+
+def test_balanced_assign_stats_returned_and_last_solve_stats_deprecated(rng):
+    """Statistics come back with the solve; the deprecated last_solve_stats() warns and reports the
+    calling thread's last solve only (another thread's solve does not leak in)."""
+    import threading
+
+    x, c = grid_data(rng, 500, 4, 5)
+    out = ops.balanced_assign(x, c)
+    assert len(out) == 2
+    labels, prices, stats = ops.balanced_assign(x, c, return_stats=True)
+    assert set(stats) == {"effective_passes", "rounds", "augments", "cached"}
+    assert stats["effective_passes"] >= 1
+    np.testing.assert_array_equal(labels, out[0])
+    seen = {}
+    thread = threading.Thread(target=lambda: seen.update(
+        before=_last_stats_quietly(), after=(ops.balanced_assign(x[:50], c), _last_stats_quietly())[1]))
+    thread.start()
+    thread.join()
+    assert seen["before"] == {} and seen["after"]["effective_passes"] >= 1
+    with pytest.warns(DeprecationWarning, match="return_stats"):
+        assert ops.last_solve_stats() == stats
+
+
+def _last_stats_quietly():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ops.last_solve_stats()
 
 
 def test_balanced_assign_prices_keep_new_data_balanced(rng):
