@@ -243,15 +243,18 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     trained = {}
     for scale in cfg["scales"]:
         trained.update(train_all(out, runs, corpus, cfg, scale, progress))
-    order = ["dense"] + [n for n in trained if n != "dense"]
+    trained["seed"] = out / "seed"  # the seed alone: what every compared run gained over it
+    order = ["dense", "seed"] + [n for n in trained if n not in ("dense", "seed")]
     _log(progress, "evaluating every run on the validation split")
     ev = evaluate.evaluate({n: trained[n] for n in order}, out, max_docs=cfg["eval_docs"], progress=False)
+    curves = evaluate.learning_curves({n: trained[n] for n in order})
+    evaluate.plot_curves(curves, RunDir(out).reports / "curves.png")
     report = {"budget": budget, "config": {k: v for k, v in cfg.items() if k not in ("scales", "parallel")},
               "scales": list(cfg["scales"]),
               "corpus": corpus, "perplexity": ev["perplexity"],
               "eval": {k: ev[k] for k in ("documents", "tokens", "temperature")},
               "claims": claims(ev["perplexity"], cfg["scales"], _n_experts(trained.get("gold"))),
-              "runs": {n: str(p) for n, p in trained.items()},
+              "runs": {n: str(p) for n, p in trained.items()}, "learning_curves": curves,
               "seconds": round(time.perf_counter() - t0, 1)}
     reports = RunDir(out).reports
     atomic_write_json(reports / "demo.json", report)
@@ -259,6 +262,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     atomic_write_text(reports / "demo.md", md)
     if progress:
         print(md)
-        print(f"[demo] done in {report['seconds']:.0f} s -> {reports / 'demo.json'}, {reports / 'eval.png'}")
+        print(f"[demo] done in {report['seconds']:.0f} s -> {reports / 'demo.json'}, {reports / 'eval.png'}, "
+              f"{reports / 'curves.png'}")
     return report
 

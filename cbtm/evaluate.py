@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from . import defaults
 from .assignments import check_held_out, validation_documents
 from .ensemble import Ensemble, mix
-from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text
+from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text, read_json
 
 TOP_KS = defaults.TOP_KS
 
@@ -118,6 +118,47 @@ def plot(perplexity: dict, path: Path, top_ks: Sequence[str] = TOP_KS) -> None:
     ax.set_xlabel("experts used per token")
     ax.set_ylabel("validation perplexity")
     ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def learning_curves(runs: dict) -> dict:
+    """Validation loss vs training tokens of every job of named runs, from their logs:
+    ``{run: {job: [[tokens, valid_loss], ...]}}`` (the seed phase and each expert are jobs)."""
+    out = {}
+    for name, path in runs.items():
+        run = RunDir.of(path)
+        jobs = {}
+        for log in sorted(run.logs.glob("*.json")) if run.logs.is_dir() else []:
+            try:
+                points = [[v["tokens"], v["valid_loss"]] for v in read_json(log).get("valid", [])
+                          if v.get("valid_loss") is not None]
+            except (ValueError, AttributeError, KeyError, TypeError):
+                continue  # not a job log
+            if points:
+                jobs[log.stem] = points
+        out[name] = jobs
+    return out
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """One panel: validation loss vs tokens, a line per job (experts of a run share its colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, jobs) in enumerate(curves.items()):
+        for j, (job, pts) in enumerate(sorted(jobs.items())):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[i % len(colours)], lw=1,
+                    label=name if j == 0 else None, alpha=0.9 if len(jobs) == 1 else 0.6)
+    ax.set_xlabel("training tokens of the job")
+    ax.set_ylabel("validation loss (own split)")
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))

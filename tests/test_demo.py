@@ -35,7 +35,7 @@ def test_report_has_every_run_and_claim(demo):
     out, report, _ = demo
     saved = json.loads((out / "reports" / "demo.json").read_text())
     assert saved["perplexity"] == report["perplexity"]
-    assert set(saved["perplexity"]) == set(RUNS)
+    assert set(saved["perplexity"]) == set(RUNS) | {"seed"}  # the seed alone is a row of the table
     assert set(saved["perplexity"]["dense"]) == {"all"}
     assert set(saved["perplexity"]["cbtm-k8"]) == {"1", "2", "4", "all"}
     assert set(saved["perplexity"]["cbtm-k2"]) == {"1", "2", "all"}
@@ -46,6 +46,12 @@ def test_report_has_every_run_and_claim(demo):
     assert all(isinstance(c["claim"], str) for c in claims)
     assert (out / "reports" / "demo.md").read_text().startswith("# cbtm demo")
     assert (out / "reports" / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    # learning curves of every job: the seed phase, the dense model and each expert
+    curves = saved["learning_curves"]
+    assert set(curves) == set(RUNS) | {"seed"} and set(curves["seed"]) == {"expert_000"}
+    assert len(curves["cbtm-k4"]) == 4 and all(len(pts) >= 1 for pts in curves["cbtm-k4"].values())
+    assert all(t > 0 and loss > 0 for jobs in curves.values() for pts in jobs.values() for t, loss in pts)
+    assert (out / "reports" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_every_run_directory_is_complete(demo):
