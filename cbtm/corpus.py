@@ -14,31 +14,22 @@ unique: a reader raises :class:`DuplicateIdError` naming both places.
 from __future__ import annotations
 
 import datetime
-import glob
-import gzip
 import hashlib
-import io
 import json
 import os
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Union
+from typing import Iterator
 
-PathLike = Union[str, os.PathLike]
-Paths = Union[PathLike, Iterable[PathLike]]
+from .shards import (SUFFIXES, PathLike, Paths, corpus_root, dataset_files, fingerprint,  # noqa: F401 (public names)
+                     list_shards, open_binary, read_errors)
 
-_LINE_SUFFIXES = (".jsonl", ".json", ".txt")
-_COMPRESSIONS = ("", ".gz", ".zst")
-SUFFIXES = tuple(s + c for s in _LINE_SUFFIXES for c in _COMPRESSIONS) + (".parquet",)
 _FORMATS = ("auto", "jsonl", "text")
 _TEXT_MODES = ("file", "blocks")
 _MAX_EXAMPLES = 20
 _BATCH_ROWS = 1024  # Parquet rows converted to Python at once
-_ZSTD_CHUNK = 1 << 20
 _JSON_SCALARS = (str, int, float, bool, type(None))
-_DATASET_DICT = "dataset_dict.json"  # a DatasetDict's list of splits, not a corpus file
 
 
 @dataclass
@@ -102,107 +93,6 @@ class _BadShard(Exception):
         self.line, self.error = line, error
 
 
-def _suffix(path: Path) -> str | None:
-    """The supported suffix ``path`` ends with, or None."""
-    name = path.name.lower()
-    return next((s for s in SUFFIXES if name.endswith(s)), None)
-
-
-def _is_dataset_dir(path: Path) -> bool:
-    """A directory written by ``datasets.Dataset.save_to_disk``."""
-    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
-
-
-def _has_glob(text: str) -> bool:
-    return any(ch in text for ch in "*?[")
-
-
-def _in_dataset_dir(path: Path) -> bool:
-    return any(_is_dataset_dir(p) for p in path.parents)
-
-
-def _supported_in(directory: Path) -> list[Path]:
-    """The sources below ``directory``: supported files, and ``datasets`` directories as one each
-    (a ``DatasetDict``'s splits are ``datasets`` directories)."""
-    if _is_dataset_dir(directory):
-        return [directory]
-    found = []
-    for top, dirs, files in os.walk(directory):
-        sub = [Path(top, d) for d in dirs]
-        found += [d for d in sub if _is_dataset_dir(d)]
-        dirs[:] = [d.name for d in sub if not _is_dataset_dir(d)]
-        found += [p for p in (Path(top, f) for f in files if f != _DATASET_DICT) if _suffix(p) and p.is_file()]
-    return found
-
-
-def _entries(paths: Paths) -> list:
-    entries = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not entries:
-        raise ValueError("no corpus path given")
-    return entries
-
-
-def list_shards(paths: Paths) -> list[Path]:
-    """The sources :func:`read_documents` would read, sorted and de-duplicated.
-
-    Each entry of ``paths`` is a file, a directory (all supported files below it, recursively; a
-    ``datasets`` directory is one source) or a glob pattern (``**`` allowed). A missing path raises
-    FileNotFoundError; an entry that yields no supported source raises ValueError. An explicitly
-    named file is always taken, whatever its suffix.
-    """
-    shards: set[Path] = set()
-    for entry in _entries(paths):
-        path = Path(entry)
-        if path.is_file():
-            found = [path]
-        elif path.is_dir():
-            found = _supported_in(path)
-        elif _has_glob(str(entry)):
-            found = []
-            for match in map(Path, glob.glob(str(entry), recursive=True)):
-                if match.is_dir():
-                    found += [] if _in_dataset_dir(match) else _supported_in(match)
-                elif _suffix(match) and match.name != _DATASET_DICT and not _in_dataset_dir(match):
-                    found.append(match)
-        else:
-            raise FileNotFoundError(f"corpus path not found: {entry}")
-        if not found:
-            raise ValueError(f"no supported corpus file ({', '.join(SUFFIXES)}, or a `datasets` directory) "
-                             f"in: {entry}")
-        shards.update(found)
-    return sorted(shards, key=str)
-
-
-def corpus_root(paths: Paths) -> Path:
-    """The directory fallback ids are relative to: the deepest one holding every entry of ``paths``
-    (a directory entry counts as itself; a file or ``datasets`` directory as its parent; a glob as
-    its leading part without wildcards). Ids stay the same when the whole corpus moves."""
-    roots = []
-    for entry in _entries(paths):
-        path = Path(entry)
-        if not path.exists() and _has_glob(str(entry)):
-            fixed = []
-            for part in path.parts:
-                if _has_glob(part):
-                    break
-                fixed.append(part)
-            base = Path(*fixed) if fixed else Path(".")
-        else:
-            base = path if path.is_dir() and not _is_dataset_dir(path) else path.parent
-        roots.append(os.path.abspath(base))
-    return Path(os.path.commonpath(roots))
-
-
-def fingerprint(paths: Paths) -> str:
-    """Cheap content fingerprint for manifests: hash of the sources' file names, sizes and mtimes."""
-    h = hashlib.blake2b(digest_size=16)
-    for shard in list_shards(paths):
-        for f in sorted(p for p in shard.iterdir() if p.is_file()) if shard.is_dir() else [shard]:
-            st = f.stat()
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
 def split_of(doc_id: str, valid_fraction: float = 0.05, seed: int = 0) -> str:
     """Deterministic train/valid split of a document id: blake2b of ``f"{seed}:{id}"``."""
     if not 0.0 <= valid_fraction <= 1.0:
@@ -217,66 +107,6 @@ def default_corpus_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"embedded corpus missing from the installation: {path}")
     return path
-
-
-class _ZstdReader(io.RawIOBase):
-    """The decompressed bytes of a ``.zst`` file, frame after frame. Unlike zstandard's
-    ``stream_reader``, a file that ends inside a frame (truncated) raises EOFError."""
-
-    def __init__(self, path: Path):
-        import zstandard
-
-        self._fh = open(path, "rb")
-        self._dctx = zstandard.ZstdDecompressor()
-        self._frame = None  # decompressor of the current frame
-        self._out = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        while not self._out:
-            data = b""
-            if self._frame is not None and self._frame.eof:
-                data, self._frame = self._frame.unused_data, None
-            data = data or self._fh.read(_ZSTD_CHUNK)
-            if not data:
-                if self._frame is not None:
-                    raise EOFError("zstd stream ended inside a frame (truncated file)")
-                return 0
-            self._frame = self._frame or self._dctx.decompressobj()
-            self._out = self._frame.decompress(data)
-        n = min(len(buf), len(self._out))
-        buf[:n], self._out = self._out[:n], self._out[n:]
-        return n
-
-    def close(self) -> None:
-        self._fh.close()
-        super().close()
-
-
-def _open_binary(path: Path) -> IO[bytes]:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".zst"):
-        return io.BufferedReader(_ZstdReader(path))
-    return open(path, "rb")
-
-
-def _read_errors(path: Path) -> tuple:
-    """The exceptions that mean a file is unreadable (corrupt, truncated, wrong format)."""
-    errors: tuple = (OSError, EOFError, zlib.error)
-    name = path.name.lower()
-    if name.endswith(".zst"):
-        import zstandard
-
-        errors += (zstandard.ZstdError,)
-    if path.is_dir() or name.endswith(".parquet"):
-        import pyarrow
-
-        errors += (pyarrow.ArrowException, ValueError)  # ValueError: a malformed state.json
-    return errors
 
 
 def _decode(raw: bytes, lineno: int) -> str:
@@ -296,16 +126,6 @@ def _jsonable(value):
     if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
     return str(value)
-
-
-def _dataset_files(path: Path) -> list[Path]:
-    """The Arrow files of a ``save_to_disk`` directory, in order, from its ``state.json``."""
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    files = state.get("_data_files") if isinstance(state, dict) else None
-    names = [f.get("filename") if isinstance(f, dict) else None for f in files or []]
-    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
-        raise ValueError(f"{path / 'state.json'} lists no data files (`_data_files`) inside the directory")
-    return [path / n for n in names]
 
 
 class CorpusReader:
@@ -369,10 +189,10 @@ class CorpusReader:
         """``(line number, raw line)`` of a file; a read error raises _BadShard."""
         lineno = 0
         try:
-            with _open_binary(path) as fh:
+            with open_binary(path) as fh:
                 for lineno, raw in enumerate(fh, start=1):
                     yield lineno, raw
-        except _read_errors(path) as e:
+        except read_errors(path) as e:
             raise _BadShard(lineno + 1, e) from e
 
     def _rows(self, path: Path) -> Iterator[tuple[int, dict]]:
@@ -383,14 +203,14 @@ class CorpusReader:
         row = 0
         try:
             if path.is_dir():
-                batches = (b for f in _dataset_files(path) for b in pa.ipc.open_stream(pa.memory_map(str(f))))
+                batches = (b for f in dataset_files(path) for b in pa.ipc.open_stream(pa.memory_map(str(f))))
             else:
                 batches = pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
             for batch in batches:
                 for obj in batch.to_pylist():
                     row += 1
                     yield row, obj
-        except _read_errors(path) as e:
+        except read_errors(path) as e:
             raise _BadShard(row + 1, e) from e
 
     def _record(self, obj: dict, source: str, prefix: str, n: int) -> Document | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,10 +15,6 @@ from . import ops
 from .defaults import MAX_ITER
 from .rundir import atomic_save_safetensors, atomic_write_json
 
-try:
-    import torch
-except ImportError:
-    torch = None
 
 _FORMAT = "cbtm.BalancedKMeans/1"
 TOL = 1e-4  # stop when the squared centre shift is at most TOL x the mean feature variance
@@ -25,7 +22,17 @@ INIT = "k-means++"
 KMEANSPP_TRIALS = 2  # k-means++ tries KMEANSPP_TRIALS + log(K) candidates per centre
 
 
+def _torch():
+    """The torch module, imported on first use (``import cbtm`` and numpy inputs never import it)."""
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("a device other than 'cpu' needs torch") from None
+    return torch
+
+
 def _is_torch(a) -> bool:
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
     return torch is not None and isinstance(a, torch.Tensor)
 
 
@@ -88,6 +95,7 @@ class BalancedKMeans:
         """X on the estimator's device, in a dtype the kernels take; (N, D) checked."""
         if _is_torch(X):
             X = X.detach()
+            torch = _torch()
             if X.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 X = X.float()
             if str(X.device) != self.device and not (self.device == "cuda" and X.is_cuda):
@@ -97,9 +105,7 @@ class BalancedKMeans:
             if X.dtype not in (np.float32, np.float16):
                 X = X.astype(np.float32)
             if self.device != "cpu":
-                if torch is None:
-                    raise RuntimeError("device other than 'cpu' needs torch")
-                X = torch.from_numpy(np.ascontiguousarray(X)).to(self.device)
+                X = _torch().from_numpy(np.ascontiguousarray(X)).to(self.device)
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}")
         if X.shape[0] == 0:
@@ -110,7 +116,7 @@ class BalancedKMeans:
 
     def _centers_like(self, X):
         c = self.cluster_centers_
-        return torch.from_numpy(c).to(X.device) if _is_torch(X) else c
+        return _torch().from_numpy(c).to(X.device) if _is_torch(X) else c
 
     def _check_fitted(self):
         if not hasattr(self, "cluster_centers_"):
@@ -223,7 +229,7 @@ class BalancedKMeans:
         tol = self.tol * float(np.mean(Xn_var))
         prices, history = None, []
         for it in range(self.max_iter):
-            c_dev = torch.from_numpy(centers).to(X.device) if _is_torch(X) else centers
+            c_dev = _torch().from_numpy(centers).to(X.device) if _is_torch(X) else centers
             labels, prices = self._assign(X, c_dev, prices)
             sums, counts, cost = self._update(X, labels, centers)
             history.append(sq + cost)
@@ -264,7 +270,7 @@ class BalancedKMeans:
             total, sq_cols = 0.0, np.zeros(self.n_features_in_)
             for chunk in source:
                 X = self._prepare(chunk)
-                c_dev = torch.from_numpy(centers).to(X.device) if _is_torch(X) else centers
+                c_dev = _torch().from_numpy(centers).to(X.device) if _is_torch(X) else centers
                 labels, prices = self._assign_chunk(X, c_dev, prices)
                 s, c, cost = self._update(X, labels, centers)
                 sums += s
