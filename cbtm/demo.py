@@ -22,18 +22,21 @@ from . import cluster, evaluate, models, tokens
 from .assignments import corpus_paths, read_assignments, write_assignments
 from .corpus import read_documents
 from .kmeans import BalancedKMeans
-from .rundir import RunDir, atomic_write_json, atomic_write_text
+from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text
 from .training import train_dense, train_experts
 
 # total_tokens: T, the budget of every compared run; seed_tokens: the shared seed phase;
-# scales: multiples of T also run for the "best k grows with the budget" claim.
+# scales: multiples of T also run for the "best k grows with the budget" claim; baselines: the
+# random / unbalanced / gold splits (the scaling study trains only k in KS and dense, k=1).
 BUDGETS = {
     "tiny": dict(total_tokens=24_000, seed_tokens=8_000, model_size="tiny", seq_len=64, batch_size=8,
-                 eval_docs=12, scales=(1,), parallel=False),
+                 eval_docs=12, scales=(1,), parallel=False, baselines=True),
     "small": dict(total_tokens=600_000, seed_tokens=200_000, model_size="tiny", seq_len=128, batch_size=16,
-                  eval_docs=150, scales=(1,), parallel=True),
+                  eval_docs=150, scales=(1,), parallel=True, baselines=True),
+    "scaling": dict(total_tokens=300_000, seed_tokens=200_000, model_size="tiny", seq_len=128, batch_size=16,
+                    eval_docs=150, scales=(1, 2, 4), parallel=True, baselines=False),
     "medium": dict(total_tokens=20_000_000, seed_tokens=4_000_000, model_size="small", seq_len=512, batch_size=32,
-                   eval_docs=None, scales=(1, 4), parallel=False),
+                   eval_docs=None, scales=(1, 4), parallel=False, baselines=True),
 }
 KS = (2, 4, 8)
 
@@ -77,7 +80,7 @@ def _random_equal(records: list[dict], k: int) -> list[dict]:
     return out
 
 
-def prepare_runs(out: Path, corpus: list[str], progress: bool) -> dict[str, Path]:
+def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines: bool = True) -> dict[str, Path]:
     """Cluster the corpus for every compared run (resumable); returns name -> run directory."""
     runs = {f"cbtm-k{k}": out / f"cbtm-k{k}" for k in KS}
     base = runs["cbtm-k8"]
@@ -91,6 +94,8 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool) -> dict[str, Path
             _log(progress, f"clustering k={k} (balanced)")
             cluster.fit(corpus, run, k=k, embedder=embedder, progress=progress)
         cluster.assign(corpus, run, label_field="domain", progress=progress)
+    if not baselines:
+        return runs
     unbalanced = out / "unbalanced-k4"
     if not RunDir(unbalanced).exists() or "cluster" not in RunDir(unbalanced).manifest():
         _log(progress, "clustering k=4 (unbalanced k-means)")
@@ -166,22 +171,38 @@ def _scaled_copy(run: Path, scale: int) -> Path:
     return dst
 
 
-def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
-    """The papers' claims, each with reproduced: true|false and the figures behind it."""
-    def best(name):
-        return min(ppl[name].values()) if name in ppl and ppl[name] else float("nan")
+def _all(ppl: dict, name: str):
+    return ppl.get(name, {}).get("all")
 
-    dense = ppl["dense"]["all"]
+
+def best_k_per_budget(ppl: dict, scales) -> dict[int, int]:
+    """The number of experts with the lowest perplexity (all experts) at each budget scale; k=1 is
+    the dense model."""
+    out = {}
+    for scale in scales:
+        suffix = "" if scale == 1 else f"-x{scale}"
+        cands = {1: _all(ppl, "dense" + suffix), **{k: _all(ppl, f"cbtm-k{k}{suffix}") for k in KS}}
+        cands = {k: v for k, v in cands.items() if v is not None}
+        if cands:
+            out[scale] = min(cands, key=cands.get)
+    return out
+
+
+def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
+    """The papers' claims this run can test, each with reproduced: true|false and its figures."""
+    dense = _all(ppl, "dense")
     out = []
     for k in (4, 8):
-        v = ppl.get(f"cbtm-k{k}", {}).get("all")
-        out.append({"claim": f"C-BTM k={k} has lower validation perplexity than the compute-matched dense model",
-                    "reproduced": bool(v is not None and v < dense), "cbtm": v, "dense": dense})
-    k4 = ppl.get("cbtm-k4", {}).get("all")
+        v = _all(ppl, f"cbtm-k{k}")
+        if v is not None:
+            out.append({"claim": f"C-BTM k={k} has lower validation perplexity than the compute-matched dense model",
+                        "reproduced": bool(v < dense), "cbtm": v, "dense": dense})
+    k4 = _all(ppl, "cbtm-k4")
     for other in ("random-k4", "unbalanced-k4"):
-        v = ppl.get(other, {}).get("all")
-        out.append({"claim": f"balanced tf-idf clusters (k=4) beat the {other.replace('-k4', '')} split",
-                    "reproduced": bool(v is not None and k4 is not None and k4 < v), "cbtm-k4": k4, other: v})
+        v = _all(ppl, other)
+        if v is not None and k4 is not None:
+            out.append({"claim": f"balanced tf-idf clusters (k=4) beat the {other.replace('-k4', '')} split",
+                        "reproduced": bool(k4 < v), "cbtm-k4": k4, other: v})
     if "gold" in ppl:  # compared at the number of experts closest to the number of gold labels
         g, n_gold = ppl["gold"]["all"], n_labels or 8
         k = min(KS, key=lambda k: abs(k - n_gold))
@@ -198,15 +219,39 @@ def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
             out.append({"claim": f"k={k}: top-1 still beats the dense model", "reproduced": bool(p["1"] < dense),
                         "top-1": p["1"], "dense": dense})
     if len(scales) > 1:
-        big = max(scales)
-        best_small = min(KS, key=lambda k: ppl[f"cbtm-k{k}"]["all"])
-        best_big = min(KS, key=lambda k: ppl[f"cbtm-k{k}-x{big}"]["all"])
-        out.append({"claim": f"the best k grows with the budget (T vs {big}T)", "reproduced": best_big > best_small,
-                    "best_k_at_T": best_small, f"best_k_at_{big}T": best_big})
+        best = best_k_per_budget(ppl, scales)
+        ks = [best[s] for s in sorted(best)]
+        out.append({"claim": f"the best k grows with the budget ({', '.join(f'{s}T' for s in sorted(best))})",
+                    "reproduced": bool(ks[-1] > ks[0] and all(a <= b for a, b in zip(ks, ks[1:]))),
+                    **{f"best_k_at_{s}T": best[s] for s in sorted(best)}})
     else:
         out.append({"claim": "the best k grows with the budget", "reproduced": None,
-                    "note": "not tested at this budget: run `cbtm demo --budget medium` (T and 4T) on a GPU"})
+                    "note": "not tested at this budget: run `cbtm demo --budget scaling`"})
     return out
+
+
+def plot_scaling(ppl: dict, scales, total_tokens: int, path: Path) -> None:
+    """Validation perplexity (all experts) vs training tokens, one line per k (k=1: dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in (1, *KS):
+        pts = [(s * total_tokens, _all(ppl, ("dense" if k == 1 else f"cbtm-k{k}") + ("" if s == 1 else f"-x{s}")))
+               for s in scales]
+        pts = [(t, v) for t, v in pts if v is not None]
+        if pts:
+            ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label="dense (k=1)" if k == 1 else f"k={k}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens per compared run (after the seed)")
+    ax.set_ylabel("validation perplexity")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
 
 
 def _n_experts(run) -> int | None:
@@ -239,7 +284,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     t0 = time.perf_counter()
     out = Path(out)
     corpus = corpus_paths(corpus)
-    runs = prepare_runs(out, corpus, progress)
+    runs = prepare_runs(out, corpus, progress, cfg["baselines"])
     trained = {}
     for scale in cfg["scales"]:
         trained.update(train_all(out, runs, corpus, cfg, scale, progress))
@@ -249,6 +294,8 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     ev = evaluate.evaluate({n: trained[n] for n in order}, out, max_docs=cfg["eval_docs"], progress=False)
     curves = evaluate.learning_curves({n: trained[n] for n in order})
     evaluate.plot_curves(curves, RunDir(out).reports / "curves.png")
+    if len(cfg["scales"]) > 1:
+        plot_scaling(ev["perplexity"], cfg["scales"], cfg["total_tokens"], RunDir(out).reports / "scaling.png")
     report = {"budget": budget, "config": {k: v for k, v in cfg.items() if k not in ("scales", "parallel")},
               "scales": list(cfg["scales"]),
               "corpus": corpus, "perplexity": ev["perplexity"],

@@ -82,3 +82,23 @@ def test_rerun_resumes_without_training(demo, monkeypatch):
     again = run_demo(out, budget="tiny", corpus=str(corpus), progress=False)
     assert again["perplexity"] == report["perplexity"]
     assert again["seconds"] < report["seconds"]
+
+
+def test_scaling_claim_reads_the_best_k_at_each_budget():
+    from cbtm.demo import best_k_per_budget, claims
+
+    def table(rows):  # {suffix: (dense, k2, k4, k8)}
+        ppl = {}
+        for suffix, values in rows.items():
+            for name, v in zip(("dense", "cbtm-k2", "cbtm-k4", "cbtm-k8"), values):
+                ppl[name + suffix] = {"all": v}
+        return ppl
+
+    grows = table({"": (10, 11, 12, 13), "-x2": (8, 7.5, 7.9, 9), "-x4": (6, 5.6, 5.5, 5.8)})
+    assert best_k_per_budget(grows, (1, 2, 4)) == {1: 1, 2: 2, 4: 4}
+    assert claims(grows, (1, 2, 4))[-1]["reproduced"] is True
+    flat = table({"": (10, 11, 12, 13), "-x2": (8, 8.5, 9, 9.5), "-x4": (6, 5.6, 5.5, 5.8)})
+    assert claims(flat, (1, 2, 4))[-1]["reproduced"] is True  # non-decreasing and larger at the end
+    shrinks = table({"": (10, 9, 12, 13), "-x2": (8, 8.5, 9, 9.5), "-x4": (6, 6.6, 6.5, 6.8)})
+    assert claims(shrinks, (1, 2, 4))[-1]["reproduced"] is False
+    assert not any("random" in c["claim"] or "gold" in c["claim"] for c in claims(grows, (1, 2, 4)))
