@@ -4,6 +4,8 @@ Environment:
   CBTM_CUDA=auto|0|1      build cbtm._cuda (auto: when nvcc is found)
   CBTM_CUDA_ARCHS="80;90a" CUDA architectures
   CBTM_BUILD_TYPE=Release CMake build type
+  CBTM_SANITIZE=1         build cbtm._C with AddressSanitizer + UBSan (tests then need
+                          LD_PRELOAD=$(gcc -print-file-name=libasan.so); .ci/sanitize does it all)
 """
 import os
 import shutil
@@ -62,6 +64,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCBTM_CUDA={'ON' if nvcc else 'OFF'}",
+            f"-DCBTM_SANITIZE={'ON' if os.environ.get('CBTM_SANITIZE', '0') not in ('', '0') else 'OFF'}",
         ]
         if nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")

@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 _NUMPY_FLOATS = (np.float32, np.float16)
+# Largest squared norm of a point or centre (the kernels' kNormLimit): below it no float32 squared
+# distance can overflow.
+NORM_LIMIT = float(np.finfo(np.float32).max) / 8
 _deprecated = threading.local()  # .stats: the calling thread's last solve, for last_solve_stats() only
 
 
@@ -135,7 +138,19 @@ def _check_pair(x, centers):
         raise ValueError(f"x has {x.shape[1]} columns but centers has {centers.shape[1]}")
     if not _all_finite(centers):
         raise ValueError("centers contains NaN or Inf")
+    sq = _max_sq_norm(centers)
+    if sq > NORM_LIMIT:
+        raise ValueError(f"centers: a centre's squared norm is {sq:.3g}, above {NORM_LIMIT:.3g} (squared distances "
+                         "would overflow float32: scale the data down)")
     return x, centers
+
+
+def _max_sq_norm(a) -> float:
+    """Largest squared row norm, in float64."""
+    if _is_torch(a):
+        return float((a.double() ** 2).sum(1).max())
+    a64 = np.asarray(a, np.float64)
+    return float(np.einsum("kd,kd->k", a64, a64).max())
 
 
 def _on_cuda(a) -> bool:

@@ -16,6 +16,8 @@
 //     augmentations over the K clusters (Dijkstra on reduced costs) finish the job exactly.
 #include "balanced_solver.h"
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -30,6 +32,8 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kTieTol = 1e-9;  // relative tolerance under which two costs count as tied
 constexpr int64_t kParallelWork = 262144;
+constexpr const char* kNonFiniteDistance =
+    "balanced_assign: the distance kernels returned a NaN or infinite distance (inputs out of range)";
 
 inline double tie_tol(double cost) { return kTieTol * (1.0 + std::fabs(cost)); }
 
@@ -96,6 +100,8 @@ class Solver {
     const int64_t n0 = size(), m = (int64_t)ids.size();
     rows_.resize((size_t)(n0 + m) * k_);
     oracle_.rows(ids.data(), m, rows_.data() + n0 * k_);
+    for (int64_t e = n0 * k_; e < (n0 + m) * k_; ++e)
+      if (!std::isfinite(rows_[e])) throw ValueError(kNonFiniteDistance);
     idx_.insert(idx_.end(), ids.begin(), ids.end());
     lab_.insert(lab_.end(), labs.begin(), labs.end());
     st_.cached = std::max(st_.cached, size());
@@ -173,7 +179,8 @@ class Solver {
     std::vector<double> newp(p_);
     std::vector<int64_t> dummy_out(k_, 0), want(k_, 0);
     std::vector<int32_t> dummy_to(k_, -1);
-#pragma omp parallel for schedule(dynamic) if (n * k_ > kParallelWork)
+    int lost = 0;
+#pragma omp parallel for schedule(dynamic) if (n * k_ > kParallelWork) reduction(| : lost)
     for (size_t oi = 0; oi < over.size(); ++oi) {
       const int64_t j = over[oi];
       const int64_t need = cnt_[j] - cap_;
@@ -216,11 +223,15 @@ class Solver {
         want[j] = growth(m, need);
         continue;
       }
-      for (int64_t c : evict) lab_[c] = best_of(c, j).first;
+      for (int64_t c : evict) {
+        lab_[c] = best_of(c, j).first;
+        if (lab_[c] < 0) lost = 1;  // impossible with finite rows (K >= 2 here); never index with it
+      }
       dummy_out[j] = dummies;
       dummy_to[j] = dj;
       newp[j] = p_[j] + delta;
     }
+    if (lost) throw std::logic_error("balanced_assign: a point had no cluster to move to (internal error)");
     p_ = newp;
     for (int64_t j = 0; j < k_; ++j)
       if (dummy_out[j] > 0) {
@@ -412,6 +423,10 @@ int64_t full_pass(DistanceOracle& oracle, int64_t n, int64_t k, int64_t cap, con
                   int32_t* labels, std::vector<float>& margin, std::vector<int64_t>& dummy) {
   margin.resize(n);
   oracle.full_pass(p.data(), labels, margin.data());
+  // Defensive: labels index clusters and margins order the candidate pools (a NaN there breaks
+  // nth_element's ordering and writes out of bounds), so both are checked, not trusted.
+  for (int64_t i = 0; i < n; ++i)
+    if (labels[i] < 0 || labels[i] >= k || !(margin[i] >= 0.f)) throw ValueError(kNonFiniteDistance);
   std::vector<int64_t> counts(k, 0);
   for (int64_t i = 0; i < n; ++i) ++counts[labels[i]];
   dummy = place_dummies(k * cap - n, cap, p, counts);

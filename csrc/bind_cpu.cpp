@@ -40,7 +40,7 @@ void assign(py::handle x, py::handle centers, py::object bias, py::handle labels
   if (!bias.is_none()) {
     ba = std::make_unique<Array>(bias, "bias", false);
     ba->expect(DType::f32);
-    if (ba->rows() != in.packed.k || !ba->compact()) throw ValueError("bias must be a compact float32 array of shape (K,)");
+    if (ba->rows() != in.packed.k() || !ba->compact()) throw ValueError("bias must be a compact float32 array of shape (K,)");
     b = ba->ptr<float>();
   }
   py::gil_scoped_release nogil;
@@ -50,7 +50,7 @@ void assign(py::handle x, py::handle centers, py::object bias, py::handle labels
 void pairwise_sqdist(py::handle x, py::handle centers, py::handle out) {
   Inputs in(x, centers);
   Array o(out, "out", false);
-  o.expect_output(DType::f32, in.px.n, in.packed.k);
+  o.expect_output(DType::f32, in.px.n, in.packed.k());
   py::gil_scoped_release nogil;
   cpu::pairwise_sqdist(in.px, in.packed, o.ptr<float>());
 }
@@ -71,9 +71,9 @@ py::dict balanced_assign(py::handle x, py::handle centers, int64_t capacity, py:
                          py::handle labels) {
   Inputs in(x, centers);
   Array pa(prices, "prices", false), lab(labels, "labels", false);
-  pa.expect_output(DType::f32, in.packed.k, 1);
+  pa.expect_output(DType::f32, in.packed.k(), 1);
   lab.expect_output(DType::i64, in.px.n, 1);
-  std::vector<double> p(pa.ptr<float>(), pa.ptr<float>() + in.packed.k);
+  std::vector<double> p(pa.ptr<float>(), pa.ptr<float>() + in.packed.k());
   cbtm::SolveStats st;
   {
     py::gil_scoped_release nogil;
@@ -94,4 +94,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("balanced_assign", &balanced_assign, py::arg("x"), py::arg("centers"), py::arg("capacity"), py::arg("prices"),
         py::arg("warm"), py::arg("labels"));
   m.def("num_threads", [] { return omp_get_max_threads(); });
+  m.def("cpu_isa", &cpu::isa_name, "instruction set of the distance kernels: avx512, avx2 or generic");
 }

@@ -64,6 +64,10 @@ struct MatrixView {
   bool unit_cols() const { return cs == 1 || d == 1; }
 };
 
+// Largest squared norm of a point or centre: (|x| + |c|)^2 <= 4 * kNormLimit stays below float32's
+// maximum with room for rounding, so no squared distance can overflow (about 4.25e37).
+constexpr float kNormLimit = 3.4028235e38f / 8;
+
 struct ValueError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };

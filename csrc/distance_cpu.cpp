@@ -4,99 +4,91 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <tuple>
 
 namespace cbtm::cpu {
 namespace {
 
-constexpr int PB = 8;   // points per micro-tile
-constexpr int KB = 16;  // centres per panel
+constexpr int64_t kBlockFloats = 16384;  // distance block (rows x kp) kept in L1/L2: 64 KB
 
-// out: (PB, KB) dot products of PB point rows with one centre panel. Eight explicit vector
-// accumulators (GCC vector extension) so they stay in registers.
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-static_assert(PB == 8 && KB == 16, "dot_panel is written for 8 x 16 tiles");
-#if defined(__x86_64__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+const Isa* select_isa(std::string& error) {
+  const char* env = std::getenv("CBTM_CPU_ISA");
+  const std::string want = env ? env : "";
+  const Isa* best = &isa_generic::kIsa;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f")) best = &isa_avx512::kIsa;
+  else if (avx2) best = &isa_avx2::kIsa;
+  const Isa* all[] = {&isa_avx512::kIsa, &isa_avx2::kIsa, &isa_generic::kIsa};
+#else
+  const Isa* all[] = {&isa_generic::kIsa};
 #endif
-void dot_panel(const float* const* x, int64_t d, const float* panel, float* out) {
-  v16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
-  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3], *x4 = x[4], *x5 = x[5], *x6 = x[6], *x7 = x[7];
-  for (int64_t t = 0; t < d; ++t) {
-    const v16 c = *reinterpret_cast<const v16*>(panel + t * KB);
-    a0 += x0[t] * c;
-    a1 += x1[t] * c;
-    a2 += x2[t] * c;
-    a3 += x3[t] * c;
-    a4 += x4[t] * c;
-    a5 += x5[t] * c;
-    a6 += x6[t] * c;
-    a7 += x7[t] * c;
+  if (want.empty()) return best;
+  bool usable = false;
+  for (const Isa* isa : all) {
+    if (isa == best) usable = true;  // `all` is ordered best first: what follows best is supported
+    if (want == isa->name) {
+      if (usable) return isa;
+      error = "CBTM_CPU_ISA=" + want + ": this CPU does not support it (best: " + best->name + ")";
+      return nullptr;
+    }
   }
-  v16* o = reinterpret_cast<v16*>(out);
-  o[0] = a0, o[1] = a1, o[2] = a2, o[3] = a3, o[4] = a4, o[5] = a5, o[6] = a6, o[7] = a7;
+  error = "CBTM_CPU_ISA=" + want + ": unknown instruction set (avx512, avx2 or generic)";
+  return nullptr;
 }
 
-// dist: (PB, kp) squared distances of up to PB points (rows idx[0..nb) or i0..i0+nb) to all centres.
-// Returns false when a point's squared norm is not finite (NaN, Inf or overflow).
-bool dist_tile(const Points& x, const Centers& c, const int64_t* idx, int64_t i0, int nb, float* dist) {
-  const float* rows[PB];
-  float xn[PB];
-  for (int p = 0; p < PB; ++p) {
-    const int64_t i = idx ? idx[std::min(p, nb - 1)] : i0 + std::min(p, nb - 1);
-    rows[p] = x.row(i);
-    float s = 0.f;
-    for (int64_t t = 0; t < x.d; ++t) s += rows[p][t] * rows[p][t];
-    xn[p] = s;
-  }
-  bool finite = true;
-  for (int p = 0; p < nb; ++p) finite &= std::isfinite(xn[p]);
-  float dots[PB * KB];
-  for (int64_t b = 0; b < c.kp / KB; ++b) {
-    dot_panel(rows, x.d, c.panels.data() + b * x.d * KB, dots);
-    for (int p = 0; p < PB; ++p)
-      for (int j = 0; j < KB; ++j) dist[p * c.kp + b * KB + j] = xn[p] + c.norm[b * KB + j] - 2.f * dots[p * KB + j];
-  }
-  return finite;
-}
-
-// Calls fn(i, dist_row) for every point, dist_row: (kp,), in parallel over tiles.
+// Calls fn(i0, nb, dist) for blocks of points (rows idx[i0..i0+nb) or i0..i0+nb), in parallel with
+// dynamic scheduling. dist: (nb, kp). Raises ValueError naming x when a point's
+// squared norm is not finite or above kNormLimit.
 template <class Fn>
-void for_each_row(const Points& x, const Centers& c, const int64_t* idx, int64_t n, Fn&& fn) {
-  const int64_t tiles = (n + PB - 1) / PB;
+void for_each_block(const Points& x, const Centers& c, const int64_t* idx, int64_t n, Fn&& fn) {
+  const Isa& isa = active_isa();
+  const PackedCenters& pc = c.view;
+  const int64_t rb = std::max<int64_t>(isa.mr, kBlockFloats / pc.kp / isa.mr * isa.mr);  // rows per block
+  const int64_t blocks = (n + rb - 1) / rb;
   int bad = 0;
-#pragma omp parallel if (n * c.k > kParallelWork) reduction(| : bad)
+#pragma omp parallel if (n * pc.k > kParallelWork) reduction(| : bad)
   {
-    std::vector<float> dist(PB * c.kp);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t i0 = t * PB;
-      const int nb = (int)std::min<int64_t>(PB, n - i0);
-      if (!dist_tile(x, c, idx ? idx + i0 : nullptr, i0, nb, dist.data())) {
+    std::vector<float> dist((size_t)rb * pc.kp), xn(rb);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t i0 = b * rb, nb = std::min(rb, n - i0);
+      isa.block(x.base, x.ld, idx ? idx + i0 : nullptr, i0, nb, pc, dist.data(), xn.data());
+      bool ok = true;
+      for (int64_t r = 0; r < nb; ++r) ok &= xn[r] <= kNormLimit;  // false for NaN
+      if (!ok) {
         bad = 1;
         continue;
       }
-      for (int p = 0; p < nb; ++p) fn(i0 + p, dist.data() + p * c.kp);
+      fn(i0, nb, dist.data());
     }
   }
-  if (bad) throw ValueError("x contains NaN or Inf (or values whose square overflows float32)");
+  if (bad)
+    throw ValueError("x contains NaN or Inf, or a point whose squared norm exceeds 4.25e37 (squared "
+                     "distances would overflow float32: scale the data down)");
 }
 
 class CpuOracle final : public DistanceOracle {
  public:
   CpuOracle(const Points& x, const Centers& c) : x_(x), c_(c) {}
   void full_pass(const double* prices, int32_t* labels, float* margin) override {
-    const int64_t k = c_.k;
+    const int64_t k = c_.k(), kp = c_.view.kp;
     rows_computed += x_.n;
-    for_each_row(x_, c_, nullptr, x_.n, [&](int64_t i, const float* dist) {
-      std::tie(labels[i], margin[i]) = best_and_margin(dist, prices, k);
+    for_each_block(x_, c_, nullptr, x_.n, [&](int64_t i0, int64_t nb, const float* dist) {
+      for (int64_t r = 0; r < nb; ++r)
+        std::tie(labels[i0 + r], margin[i0 + r]) = best_and_margin(dist + r * kp, prices, k);
     });
   }
   void rows(const int64_t* idx, int64_t n, float* out) override {
-    const int64_t k = c_.k;
+    const int64_t k = c_.k(), kp = c_.view.kp;
     rows_computed += n;
-    for_each_row(x_, c_, idx, n, [&](int64_t i, const float* dist) { std::copy(dist, dist + k, out + i * k); });
+    for_each_block(x_, c_, idx, n, [&](int64_t i0, int64_t nb, const float* dist) {
+      for (int64_t r = 0; r < nb; ++r) std::memcpy(out + (i0 + r) * k, dist + r * kp, k * sizeof(float));
+    });
   }
 
  private:
@@ -106,46 +98,66 @@ class CpuOracle final : public DistanceOracle {
 
 }  // namespace
 
+const Isa& active_isa() {
+  static std::string error;
+  static const Isa* isa = select_isa(error);
+  if (!isa) throw ValueError(error);
+  return *isa;
+}
+
+const char* isa_name() { return active_isa().name; }
+
 Centers pack_centers(const Points& c) {
+  const int np = active_isa().np;
   Centers out;
-  out.k = c.n;
-  out.d = c.d;
-  out.kp = (c.n + KB - 1) / KB * KB;
-  out.panels.assign((size_t)out.kp * c.d, 0.f);
-  out.norm.assign(out.kp, std::numeric_limits<float>::infinity());
+  PackedCenters& v = out.view;
+  v.k = c.n;
+  v.d = c.d;
+  v.np = np;
+  v.kp = (c.n + np - 1) / np * np;
+  out.panels.assign((size_t)v.kp * c.d, 0.f);
+  out.norm.assign(v.kp, 0.f);
   for (int64_t j = 0; j < c.n; ++j) {
-    float s = 0.f;
+    double s = 0.0;
     for (int64_t t = 0; t < c.d; ++t) {
-      const float v = c.row(j)[t];
-      out.panels[(j / KB) * c.d * KB + t * KB + j % KB] = v;
-      s += v * v;
+      const float e = c.row(j)[t];
+      out.panels[(j / np) * c.d * np + t * np + j % np] = e;
+      s += (double)e * e;
     }
-    out.norm[j] = s;
+    if (!(s <= kNormLimit))
+      throw ValueError("centers: row " + std::to_string(j) + " contains NaN or Inf, or its squared norm exceeds "
+                       "4.25e37 (squared distances would overflow float32: scale the data down)");
+    out.norm[j] = (float)s;
   }
+  v.panels = out.panels.data();
+  v.norm = out.norm.data();
   return out;
 }
 
 void assign(const Points& x, const Centers& c, const float* bias, int64_t* labels, float* sqdist) {
-  const int64_t k = c.k;
-  for_each_row(x, c, nullptr, x.n, [&](int64_t i, const float* dist) {
-    int64_t bj = 0;
-    float bv = dist[0] + (bias ? bias[0] : 0.f);
-    for (int64_t j = 1; j < k; ++j) {
-      const float v = dist[j] + (bias ? bias[j] : 0.f);
-      if (v < bv) {
-        bv = v;
-        bj = j;
+  const int64_t k = c.k(), kp = c.view.kp;
+  for_each_block(x, c, nullptr, x.n, [&](int64_t i0, int64_t nb, const float* dist) {
+    for (int64_t r = 0; r < nb; ++r) {
+      const float* d = dist + r * kp;
+      int64_t bj = 0;
+      float bv = d[0] + (bias ? bias[0] : 0.f);
+      for (int64_t j = 1; j < k; ++j) {
+        const float v = d[j] + (bias ? bias[j] : 0.f);
+        if (v < bv) {
+          bv = v;
+          bj = j;
+        }
       }
+      labels[i0 + r] = bj;
+      sqdist[i0 + r] = d[bj];
     }
-    labels[i] = bj;
-    sqdist[i] = std::max(dist[bj], 0.f);
   });
 }
 
 void pairwise_sqdist(const Points& x, const Centers& c, float* out) {
-  const int64_t k = c.k;
-  for_each_row(x, c, nullptr, x.n, [&](int64_t i, const float* dist) {
-    for (int64_t j = 0; j < k; ++j) out[i * k + j] = std::max(dist[j], 0.f);
+  const int64_t k = c.k(), kp = c.view.kp;
+  for_each_block(x, c, nullptr, x.n, [&](int64_t i0, int64_t nb, const float* dist) {
+    for (int64_t r = 0; r < nb; ++r) std::memcpy(out + (i0 + r) * k, dist + r * kp, k * sizeof(float));
   });
 }
 
@@ -153,7 +165,7 @@ SolveStats balanced_assign(const Points& x, const Centers& c, int64_t cap, std::
                            bool warm, int64_t* labels) {
   CpuOracle oracle(x, c);
   std::vector<int32_t> lab(x.n);
-  const SolveStats st = balanced_solve(oracle, x.n, c.k, cap, prices, lab.data(), warm);
+  const SolveStats st = balanced_solve(oracle, x.n, c.k(), cap, prices, lab.data(), warm);
   std::copy(lab.begin(), lab.end(), labels);
   return st;
 }

@@ -81,7 +81,7 @@ struct AssignEpi {
     }
   }
   __device__ void finish(State& s, int64_t i, float xn) const {
-    if (!isfinite(xn)) atomicOr(bad, 1);
+    if (!(xn <= kNormLimit)) atomicOr(bad, 1);  // NaN, Inf or overflow
     labels[i] = s.j;
     sqdist[i] = fmaxf(s.dist, 0.f);
   }
@@ -97,7 +97,7 @@ struct PairwiseEpi {
     out[i * k + j] = clamp ? fmaxf(dist, 0.f) : dist;
   }
   __device__ void finish(State&, int64_t, float xn) const {
-    if (!isfinite(xn)) atomicOr(bad, 1);
+    if (!(xn <= kNormLimit)) atomicOr(bad, 1);  // NaN, Inf or overflow
   }
 };
 
@@ -121,7 +121,7 @@ struct PassEpi {  // argmin of d + prices and the margin to the second best
     }
   }
   __device__ void finish(State& s, int64_t i, float xn) const {
-    if (!isfinite(xn)) atomicOr(bad, 1);
+    if (!(xn <= kNormLimit)) atomicOr(bad, 1);  // NaN, Inf or overflow
     labels[i] = s.j1;
     margin[i] = (float)(s.b2 - s.b1);
   }
@@ -188,7 +188,9 @@ void launch(const MatrixView& x, const DeviceCenters& c, const int64_t* idx, int
   CBTM_CUDA_CHECK(cudaGetLastError());
 }
 
-constexpr const char* kNonFinite = "x contains NaN or Inf (or values whose square overflows float32)";
+constexpr const char* kNonFinite =
+    "x contains NaN or Inf, or a point whose squared norm exceeds 4.25e37 (squared distances would overflow "
+    "float32: scale the data down)";
 
 // Distances for the host-side balanced solver: full passes and cached rows run on the GPU.
 class CudaOracle final : public DistanceOracle {
