@@ -83,6 +83,27 @@ def cpu_name():
     return platform.processor() or "unknown"
 
 
+def vector_isa():
+    """The CPU's widest vector instruction set ("AVX-512", "AVX2", "NEON", "SSE" or "unknown") and the
+    one cbtm's CPU distance kernels use (``cbtm._C.cpu_isa()``; ``CBTM_CPU_ISA`` can lower it)."""
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    cpu = ("AVX-512" if "avx512f" in flags else "AVX2" if {"avx2", "fma"} <= flags
+           else "NEON" if flags & {"asimd", "neon"} else "SSE" if "sse2" in flags else "unknown")
+    try:
+        from cbtm import _C
+        kernels = _C.cpu_isa()
+    except ImportError:
+        kernels = None
+    return {"cpu_vector_isa": cpu, "kernel_isa": kernels}
+
+
 def git_commit():
     """``git rev-parse HEAD`` of the repository, or "unknown"."""
     try:
@@ -118,6 +139,7 @@ def environment(device):
         "device_name": name,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        **vector_isa(),
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss_threads,
         "git_commit": git_commit(),

@@ -5,7 +5,9 @@
 A suite is any module in ``benchmarks/suites/`` that defines ``run(args) -> dict``; the dict
 holds ``rows`` (a list of result dicts) and ``markdown`` (the tables to print), plus anything
 else worth keeping. Adding a suite means adding a file there: nothing here needs to change.
-Each suite's result goes to ``<out>/<suite>-<device>.json`` with the environment it ran in.
+Each suite's result goes to ``<out>/<suite>-<device>.json`` with the environment it ran in; every
+row records the CPU's vector instruction set and the one the CPU kernels used (``CBTM_CPU_ISA=avx2``
+forces the AVX2 kernels on an AVX-512 machine).
 """
 import argparse
 import importlib
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, vector_isa  # noqa: E402
 
 SUITES_DIR = ROOT / "benchmarks" / "suites"
 
@@ -58,7 +60,11 @@ def main(argv=None):
         t0 = time.perf_counter()
         result = suite.run(args)
         elapsed = time.perf_counter() - t0
-        print(result["markdown"], f"\n\n_{name}: {elapsed:.1f} s_\n", flush=True)
+        isa = vector_isa()
+        for row in result["rows"]:
+            row.update(isa)
+        print(result["markdown"], f"\n\n_{name}: {elapsed:.1f} s; CPU {isa['cpu_vector_isa']}, cbtm kernels "
+              f"{isa['kernel_isa']}_\n", flush=True)
         record = {"suite": name, "quick": args.quick, "repeats": args.repeats, "elapsed_s": elapsed,
                   "env": environment(args.device), **result}
         path = args.out / f"{name}-{args.device}.json"
