@@ -1,7 +1,7 @@
 """``train`` suite: training throughput (tokens/s) of the named model sizes on the current device.
 
 For ``tiny`` and ``small`` (``--device cuda`` adds ``base``): one optimizer step of
-``cbtm.train.Trainer`` (AdamW, clipping, warmup+cosine, fp32 on CPU, bf16 autocast on GPU) on a
+``cbtm.training.Trainer`` (AdamW, clipping, warmup+cosine, fp32 on CPU, bf16 autocast on GPU) on a
 batch of random token ids, vocabulary 8192 — the default batch of ``cbtm train`` on CPU (4 rows of
 128 tokens), 16 rows of 512 on GPU — timed over several steps after a warmup step, best of
 ``--repeats``. On CPU both one thread and every core. The anchor is a plain Hugging Face loop on
@@ -29,7 +29,7 @@ class _Tok:
 
 
 def _trainer(size, device, batch, seq_len):
-    from cbtm import models, train
+    from cbtm import models, training as train
 
     model = models.new_model(size, _Tok(), seed=0)
     cfg = train.TrainConfig(seq_len=seq_len, batch_size=batch, lr=models.default_lr(size))

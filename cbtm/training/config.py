@@ -28,6 +28,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     bf16: bool = True            # bf16 autocast on GPU; CPU trains in fp32
+    fused_loss: bool = True      # cross-entropy fused with the output projection (same loss, less work)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "eval_tokens", "keep_checkpoints",

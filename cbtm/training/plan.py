@@ -55,6 +55,8 @@ def plan_jobs(run: RunDir, *, total_tokens: int, model_size: str, seed_model, se
         context = models.context_of_size(model_size)  # validates the name
     else:
         seed_model = Path(seed_model).resolve()
+        if not seed_model.exists():
+            raise FileNotFoundError(f"seed model not found: {seed_model}")
         context = models.context_length(models.load_config(seed_model))
     if context is not None and cfg.seq_len > context:
         raise ValueError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens: "

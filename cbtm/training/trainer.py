@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, lr_factor
 from .distributed import process_world
+from .loss import IGNORE, fused_head, linear_cross_entropy
 
 
 def _micro_batches(rows: Sequence[np.ndarray], size: int) -> list[list[np.ndarray]]:
@@ -23,6 +24,26 @@ def _micro_batches(rows: Sequence[np.ndarray], size: int) -> list[list[np.ndarra
         else:
             out.append([r])
     return out
+
+
+class CausalLMLoss(torch.nn.Module):
+    """``forward(x, labels)`` -> summed next-token cross-entropy of a causal LM; fused with the output
+    projection (:func:`linear_cross_entropy`, no (b, L, V) logits) where the architecture allows.
+    One module, so DDP wraps the loss computation whichever path it takes."""
+
+    def __init__(self, model, fused: bool = True):
+        super().__init__()
+        self.model = model
+        self.fused = fused_head(model) if fused else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # x, labels: (b, L); labels IGNORE where there is no next token
+        if self.fused is not None:
+            body, weight = self.fused
+            hidden = body(input_ids=x, use_cache=False).last_hidden_state  # (b, L, d)
+            return linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten())
+        logits = self.model(input_ids=x, use_cache=False).logits  # (b, L, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 class Trainer:
@@ -38,12 +59,13 @@ class Trainer:
         self.device = torch.device(device)
         self.world, self.rank = process_world()
         self.model = model.to(self.device).train()
-        self.net = self.model
+        self.loss = CausalLMLoss(self.model, cfg.fused_loss)
+        self.net = self.loss
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            self.net = DistributedDataParallel(self.loss, device_ids=ids)
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -57,10 +79,9 @@ class Trainer:
         """Summed next-token cross-entropy of equal-length rows."""
         x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(self.device)  # (b, L)
         labels = torch.roll(x, -1, dims=1)
-        labels[:, -1] = -100  # (b, L): next token, none after the last (no slicing of the logits)
+        labels[:, -1] = IGNORE  # (b, L): next token, none after the last (no slicing of the logits)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = net(input_ids=x, use_cache=False).logits  # (b, L, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+            return net(x, labels)
 
     def step(self, rows: Sequence[np.ndarray]) -> dict:
         """One optimizer step on the global batch ``rows``; this process trains on rows[rank::world]."""
@@ -97,7 +118,7 @@ class Trainer:
         self.model.eval()
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
         for mb in _micro_batches(blocks[self.rank::self.world], self.cfg.batch_size):
-            acc[0] += self._loss_sum(self.model, mb).double()
+            acc[0] += self._loss_sum(self.loss, mb).double()
             acc[1] += sum(len(r) - 1 for r in mb)
         if self.world > 1:
             torch.distributed.all_reduce(acc)
