@@ -11,16 +11,25 @@ for CPU tensors under ``TRITON_INTERPRET=1``), their PyTorch reference otherwise
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import warnings
 from typing import Any
 
 import numpy as np
 
-try:
-    import torch
-except ImportError:  # torch is a dependency, but the CPU ops only need numpy
-    torch = None
+
+class _Torch:
+    """torch, imported on first attribute access: the CPU ops on numpy arrays never import it (and
+    every use below follows a check that a tensor was given, so torch is already loaded)."""
+
+    def __getattr__(self, name: str):
+        import torch as module
+
+        return getattr(module, name)
+
+
+torch = _Torch()
 
 __all__ = [
     "assign",
@@ -93,7 +102,8 @@ def last_solve_stats() -> dict:
 
 
 def _is_torch(a) -> bool:
-    return torch is not None and isinstance(a, torch.Tensor)
+    module = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    return module is not None and isinstance(a, module.Tensor)
 
 
 def _check_float_matrix(a, name: str):
