@@ -38,7 +38,7 @@ _BATCH = 4096  # documents embedded and assigned at once
 
 def load_router(run: str | Path | RunDir) -> tuple[TfidfEmbedder, BalancedKMeans]:
     """The embedder and the balanced k-means model of a run directory."""
-    router = (run if isinstance(run, RunDir) else RunDir(run)).router
+    router = RunDir.of(run).router
     if not (router / "kmeans.json").is_file():
         raise FileNotFoundError(f"{router} holds no fitted router: run `cbtm cluster fit` first")
     return TfidfEmbedder.load(router), BalancedKMeans.load(router)

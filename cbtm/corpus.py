@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from . import defaults
 from .shards import (SUFFIXES, PathLike, Paths, corpus_root, dataset_files, fingerprint,  # noqa: F401 (public names)
                      list_shards, open_binary, read_errors)
 
@@ -93,7 +94,7 @@ class _BadShard(Exception):
         self.line, self.error = line, error
 
 
-def split_of(doc_id: str, valid_fraction: float = 0.05, seed: int = 0) -> str:
+def split_of(doc_id: str, valid_fraction: float = defaults.VALID_FRACTION, seed: int = defaults.SPLIT_SEED) -> str:
     """Deterministic train/valid split of a document id: blake2b of ``f"{seed}:{id}"``."""
     if not 0.0 <= valid_fraction <= 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1], got {valid_fraction}")

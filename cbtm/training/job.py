@@ -23,6 +23,7 @@ from ..rundir import RunDir, atomic_write_json, now
 from .checkpoint import digest, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import barrier, num_threads, resolve_device, process_world
+from .mix import MixTrainer
 from .trainer import Trainer
 
 
@@ -64,6 +65,8 @@ def _fingerprint(run: RunDir, spec: dict) -> str:
     h.update(json.dumps({key: spec[key] for key in ("clusters", "tokens", "init", "key")}, sort_keys=True).encode())
     h.update(json.dumps(trained, sort_keys=True).encode())
     h.update(_init_fingerprint(run, spec["init"]).encode())
+    if spec.get("moe"):  # a MoE's MiX job (expert jobs keep their fingerprints)
+        h.update(json.dumps(spec["moe"], sort_keys=True).encode())
     h.update(tokens.tokenizer_fingerprint(run.tokenizer).encode())
     for c in spec["clusters"]:
         with safe_open(str(tokens.cache_path(run, c)), framework="np") as f:
@@ -87,7 +90,7 @@ def same_training(a: dict | None, b: dict) -> bool:
     """Whether two job specs train the same weights (evaluation and checkpoint cadence aside)."""
     def key(s):
         return {**{k: s[k] for k in ("clusters", "tokens", "init", "key")},
-                "config": TrainConfig(**s["config"]).trained_fields()}
+                "config": TrainConfig(**s["config"]).trained_fields(), "moe": s.get("moe")}
     return a is not None and spec_json(key(a)) == spec_json(key(b))
 
 
@@ -108,7 +111,7 @@ def run_job(run, spec: dict, *, device: str | None = None, threads: int | None =
     ``run/<spec.out>`` and the log to ``run/logs/<name>.json``; return the log. A job already done
     with the same fingerprint returns its log at once. ``callback(info)`` runs after every step
     (process 0 only); an exception it raises stops training (as a kill would)."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
+    run = RunDir.of(run)
     with num_threads(threads):
         return _run_job(run, spec, device, progress, callback, position)
 
@@ -134,7 +137,8 @@ def _run_job(run: RunDir, spec: dict, device, progress: bool, callback, position
     models.check_compatible(model.config, cfg.seq_len, run.manifest()["tokenizer"]["size"])
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     n_steps = -(-budget // tokens_per_step)
-    trainer = Trainer(model, cfg, n_steps, dev)
+    trainer = (MixTrainer(model, cfg, n_steps, dev, **spec["moe"]) if spec.get("moe")
+               else Trainer(model, cfg, n_steps, dev))
     ckpt_root = run.checkpoints / name
     state = {"step": 0, "tokens": 0, "history": [], "valid": [], "seconds": 0.0, "train_seconds": 0.0,
              "fingerprint": fp, "started": now()}

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import assignments, tokens
+from .. import assignments, defaults, tokens
 from ..rundir import RunDir, atomic_write_json, expert_name
 from .config import TrainConfig, make_config
 from .distributed import launched_by_torchrun, resolve_device
@@ -46,7 +46,7 @@ def train_experts(run, total_tokens: int, *, model_size: str = "tiny", seed_mode
     (one task per expert with ``num_cpus``/``num_gpus``, retried ``retries`` times, resuming from
     its checkpoint). Rerunning the same call resumes; finished experts are skipped. Returns the
     manifest's view of the trained experts; raises TrainingFailed when any failed."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
+    run = RunDir.of(run)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if int(parallel) != parallel or parallel < 1 or int(nproc_per_node) != nproc_per_node or nproc_per_node < 1:
@@ -229,26 +229,27 @@ def _dispatch_ray(run: RunDir, jobs: list[dict], address, num_cpus, num_gpus, re
                 return
 
 
-def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fraction: float = 0.05,
-                split_seed: int = 0, seed_model: str | Path | None = None, vocab_size: int | None = None,
-                **kwargs) -> dict:
+def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fraction: float = defaults.VALID_FRACTION,
+                split_seed: int = defaults.SPLIT_SEED, seed_model: str | Path | None = None,
+                vocab_size: int | None = None, **kwargs) -> dict:
     """The compute-matched dense baseline: one model trained on every training document for
     ``total_tokens``, in its own run directory ``out`` (k=1). With ``like`` (a clustered run) it
     uses that run's corpus, train/valid split and tokenizer, so its losses compare with the experts';
     otherwise ``corpus`` (default: the embedded one) split by ``split_of``. Other arguments as
     :func:`train_experts`."""
-    out = out if isinstance(out, RunDir) else RunDir(out)
+    out = RunDir.of(out)
     if like is not None:
-        like = like if isinstance(like, RunDir) else RunDir(like)
-        if Path(like.path).resolve() == Path(out.path).resolve():
+        like = RunDir.of(like)
+        if like.path.resolve() == out.path.resolve():
             raise ValueError("the dense run needs its own directory, not the clustered run's")
         s = assignments.corpus_settings(like)
         assignments.write_assignments(out, assignments.dense_records(like), s["paths"], k=1, name="dense",
-                               text_field=s["text_field"], id_field=s["id_field"], source=f"dense, like {like.path}")
+                                      text_field=s["text_field"], id_field=s["id_field"],
+                                      source=f"dense, like {like.path}")
         if not (out.tokenizer / "tokenizer_config.json").is_file():
             tokens.ensure_tokenizer(like, seed_model, vocab_size, kwargs.get("progress", True))
             tokens.copy_tokenizer(like, out)
     else:
-        assignments.write_assignments(out, assignments.dense_records(None, corpus, valid_fraction, split_seed), corpus, k=1,
-                               name="dense", source="dense")
+        records = assignments.dense_records(None, corpus, valid_fraction, split_seed)
+        assignments.write_assignments(out, records, corpus, k=1, name="dense", source="dense")
     return train_experts(out, total_tokens, seed_model=seed_model, vocab_size=vocab_size, **kwargs)
