@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS = {"BalancedKMeans": "kmeans", "Ensemble": "ensemble", "Router": "router", "TfidfEmbedder": "embed",
             "RunDir": "rundir", "EnsembleForCausalLM": "hf_model"}
 _MODULES = ("ops", "corpus", "embed", "kmeans", "assignments", "cluster", "tokens", "models", "training", "branch",
-            "experts", "router", "ensemble", "hf_model", "evaluate", "demo", "cli", "defaults", "rundir")
+            "experts", "router", "ensemble", "hf_model", "harness", "evaluate", "demo", "cli", "defaults",
+            "rundir")
 
 __all__ = sorted(_EXPORTS) + ["ops", "__version__"]
 
