@@ -160,8 +160,18 @@ def _train(a) -> None:
                   nproc_per_node=a.nproc_per_node, ray_address=a.ray_address, num_cpus=a.num_cpus,
                   num_gpus=a.num_gpus, retries=a.retries, vocab_size=a.vocab_size, device=a.device,
                   threads=a.threads, restart=a.restart, progress=not a.quiet, **_settings(a))
+    if a.router_only and not a.moe:
+        raise ValueError("--router-only needs --moe")
     try:
-        if a.dense:
+        if a.moe:
+            from .moe import train_moe
+
+            if a.dense or a.like or a.corpus or a.experts or a.backend != "local" or a.seed_model:
+                raise ValueError("--moe trains the exported MoE on its own corpus: drop --dense, --like, corpus "
+                                 "paths, --experts, --seed-model and --backend")
+            train_moe(a.moe, a.run, a.total_tokens, router_only=a.router_only, aux_loss_coef=a.aux_loss_coef,
+                      device=a.device, threads=a.threads, restart=a.restart, progress=not a.quiet, **_settings(a))
+        elif a.dense:
             train_dense(a.run, a.total_tokens, like=a.like, corpus=a.corpus or None, **kwargs)
         else:
             if a.like or a.corpus:
@@ -205,6 +215,12 @@ def _add_train(sub) -> None:
     t.add_argument("--total-tokens", type=parse_count, required=True,
                    help="token budget T, e.g. 2M: each of k experts trains on T/k, a dense model on T")
     t.add_argument("--dense", action="store_true", help="train the dense baseline (k=1) in --run")
+    t.add_argument("--moe", default=None, metavar="RUN_MOE",
+                   help="BTX's MiX phase: train the MoE exported to RUN_MOE (`cbtm merge export-moe`) on the whole "
+                   "corpus, in the new run --run")
+    t.add_argument("--router-only", action="store_true", help="--moe: train only the routers")
+    t.add_argument("--aux-loss-coef", type=float, default=0.01,
+                   help="--moe: weight of the routers' load-balancing loss (default 0.01)")
     t.add_argument("--like", default=None, help="--dense: the clustered run whose corpus, split and tokenizer to use")
     t.add_argument("--model-size", default=defaults.MODEL_SIZE, choices=tuple(SIZES),
                    help=f"named config (default {defaults.MODEL_SIZE})")
@@ -270,6 +286,12 @@ def _merge_export(a):
     print(export(a.run, a.to, a.top_k, a.temperature))
 
 
+def _merge_export_moe(a):
+    from .moe import export_moe
+
+    print(export_moe(a.run, a.to, a.experts_per_token, a.gate, a.weights, a.gate_docs, a.seed))
+
+
 def _add_merge(sub) -> None:
     m = sub.add_parser("merge", help="BTM operations: average experts, add or remove one, export the ensemble")
     msub = m.add_subparsers(dest="action", required=True)
@@ -293,6 +315,20 @@ def _add_merge(sub) -> None:
     e.add_argument("--top-k", type=positive_int, default=defaults.TOP_K)
     e.add_argument("--temperature", type=float, default=defaults.TEMPERATURE)
     e.set_defaults(fn=_merge_export)
+    x = msub.add_parser("export-moe", help="merge the experts into one Mixtral MoE model (Branch-Train-MiX)")
+    _run_arg(x, "run directory with trained experts")
+    x.add_argument("--to", required=True, help="new (or empty) MoE run directory, outside the run; the Mixtral "
+                   "checkpoint is TO/experts/expert_000")
+    x.add_argument("--experts-per-token", type=positive_int, default=2, help="experts routed per token (default 2)")
+    x.add_argument("--gate", choices=("hidden", "embed", "random"), default="hidden",
+                   help="router initialisation: each cluster's mean hidden state (default), mean token embedding, "
+                   "or random")
+    x.add_argument("--weights", choices=("sizes", "uniform"), default="sizes",
+                   help="averaging weights of the shared parameters (default: cluster sizes)")
+    x.add_argument("--gate-docs", type=positive_int, default=32,
+                   help="training documents per cluster that initialise the routers (default 32)")
+    x.add_argument("--seed", type=int, default=0, help="seed of --gate random")
+    x.set_defaults(fn=_merge_export_moe)
 
 
 def _eval(a):
