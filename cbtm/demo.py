@@ -25,17 +25,26 @@ from .kmeans import BalancedKMeans
 from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text
 from .training import train_dense, train_experts
 
+# One recipe for every corpus (issue 9), the papers' regime in miniature: a long seed phase that is
+# the "stable" part of a warmup-stable-decay schedule (peak LR after a short warmup, no decay), then
+# every compared run -- the dense model for T tokens and each of k experts for T/k -- continues from
+# the seed at the same peak LR (no re-warmup, which would undo part of the seed) and decays it with
+# its own cosine to 0.1x. A 4096-token BPE keeps the output layer (most of a tiny model's work) small.
+SEED_SCHEDULE = dict(warmup=0.05, min_lr_ratio=1.0)
+BRANCH_SCHEDULE = dict(warmup=0.0, min_lr_ratio=0.1)
+VOCAB_SIZE = 4096
+
 # total_tokens: T, the budget of every compared run; seed_tokens: the shared seed phase;
 # scales: multiples of T also run for the "best k grows with the budget" claim; baselines: the
 # random / unbalanced / gold splits (the scaling study trains only k in KS and dense, k=1).
 BUDGETS = {
     "tiny": dict(total_tokens=24_000, seed_tokens=8_000, model_size="tiny", seq_len=64, batch_size=8,
                  eval_docs=12, scales=(1,), parallel=False, baselines=True),
-    "small": dict(total_tokens=600_000, seed_tokens=200_000, model_size="tiny", seq_len=128, batch_size=16,
+    "small": dict(total_tokens=600_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
                   eval_docs=150, scales=(1,), parallel=True, baselines=True),
-    "scaling": dict(total_tokens=300_000, seed_tokens=200_000, model_size="tiny", seq_len=128, batch_size=16,
+    "scaling": dict(total_tokens=300_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
                     eval_docs=150, scales=(1, 2, 4), parallel=True, baselines=False),
-    "medium": dict(total_tokens=20_000_000, seed_tokens=4_000_000, model_size="small", seq_len=512, batch_size=32,
+    "medium": dict(total_tokens=20_000_000, seed_tokens=20_000_000, model_size="small", seq_len=512, batch_size=32,
                    eval_docs=None, scales=(1, 4), parallel=False, baselines=True),
 }
 KS = (2, 4, 8)
@@ -132,7 +141,9 @@ def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, sc
     seed_run = out / "seed"
     seed = seed_run / "experts" / "expert_000"
     _log(progress, f"seed phase: a dense {cfg['model_size']} model on {cfg['seed_tokens']:,} tokens")
-    train_dense(seed_run, cfg["seed_tokens"], corpus=corpus, model_size=cfg["model_size"], **settings)
+    train_dense(seed_run, cfg["seed_tokens"], corpus=corpus, model_size=cfg["model_size"], vocab_size=VOCAB_SIZE,
+                **settings, **SEED_SCHEDULE)
+    settings.update(BRANCH_SCHEDULE)
     if not (seed / "tokenizer_config.json").is_file():
         tokens.load_tokenizer(RunDir(seed_run).tokenizer).save_pretrained(seed)  # the seed carries its tokenizer
     total = cfg["total_tokens"] * scale
@@ -261,7 +272,8 @@ def _n_experts(run) -> int | None:
 def _markdown(report: dict) -> str:
     cols = ("1", "2", "4", "all")
     lines = [f"# cbtm demo ({report['budget']} budget: T = {report['config']['total_tokens']:,} tokens per run, "
-             f"{report['config']['model_size']} models, seed phase {report['config']['seed_tokens']:,} tokens)", "",
+             f"{report['config']['model_size']} models, {report['config']['vocab_size']}-token BPE, seed phase "
+             f"{report['config']['seed_tokens']:,} tokens = {report['seed_share']:.0%} of the seed + T compute)", "",
              f"Validation perplexity, {report['eval']['documents']} documents / {report['eval']['tokens']:,} tokens:", "",
              "| run | " + " | ".join(f"top-{c}" if c != "all" else "all experts" for c in cols) + " |",
              "| --- |" + " ---: |" * len(cols)]
@@ -296,8 +308,11 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     evaluate.plot_curves(curves, RunDir(out).reports / "curves.png")
     if len(cfg["scales"]) > 1:
         plot_scaling(ev["perplexity"], cfg["scales"], cfg["total_tokens"], RunDir(out).reports / "scaling.png")
-    report = {"budget": budget, "config": {k: v for k, v in cfg.items() if k not in ("scales", "parallel")},
+    report = {"budget": budget, "config": {**{k: v for k, v in cfg.items() if k not in ("scales", "parallel")},
+                                           "vocab_size": VOCAB_SIZE, "seed_schedule": SEED_SCHEDULE,
+                                           "branch_schedule": BRANCH_SCHEDULE, "lr": _lr(cfg)},
               "scales": list(cfg["scales"]),
+              "seed_share": cfg["seed_tokens"] / (cfg["seed_tokens"] + cfg["total_tokens"]),
               "corpus": corpus, "perplexity": ev["perplexity"],
               "eval": {k: ev[k] for k in ("documents", "tokens", "temperature")},
               "claims": claims(ev["perplexity"], cfg["scales"], _n_experts(trained.get("gold"))),
