@@ -1,7 +1,10 @@
 """``train`` suite: training throughput (tokens/s) of the named model sizes on the current device.
 
-For ``tiny`` and ``small`` (``--device cuda`` adds ``base``): one optimizer step of
-``cbtm.training.Trainer`` (AdamW, clipping, warmup+cosine, fp32 on CPU, bf16 autocast on GPU) on a
+The demo's model first: the tiny model of ``cbtm demo`` as it trains now (4096-token vocabulary,
+cross-entropy fused with the output layer) against the same model as the demo trained it before
+(8192-token vocabulary, full logits), one thread per process as the demo's experts run, batch
+16 x 128; issue 9's goal is >= 2x the tokens/s. Then, for ``tiny`` and ``small`` (``--device
+cuda`` adds ``base``): one optimizer step of ``cbtm.training.Trainer`` (AdamW, clipping, warmup+cosine, fp32 on CPU, bf16 autocast on GPU) on a
 batch of random token ids, vocabulary 8192 — the default batch of ``cbtm train`` on CPU (4 rows of
 128 tokens), 16 rows of 512 on GPU — timed over several steps after a warmup step, best of
 ``--repeats``. On CPU both one thread and every core. The anchor is a plain Hugging Face loop on
@@ -19,21 +22,48 @@ VOCAB = 8192
 CPU_BATCH, GPU_BATCH = (4, 128), (16, 512)  # (rows, tokens per row)
 
 
+DEMO_BATCH = (16, 128)
+DEMO_BEFORE, DEMO_NOW = dict(vocab=8192, fused_loss=False), dict(vocab=4096, fused_loss=True)
+
+
 class _Tok:
     """The two tokenizer facts a config needs, without training a tokenizer."""
 
     eos_token_id = bos_token_id = pad_token_id = 0
 
+    def __init__(self, vocab: int = VOCAB):
+        self.vocab = vocab
+
     def __len__(self):
-        return VOCAB
+        return self.vocab
 
 
-def _trainer(size, device, batch, seq_len):
-    from cbtm import models, training as train
+def _trainer(size, device, batch, seq_len, vocab=VOCAB, fused_loss=True):
+    from cbtm import models, training
 
-    model = models.new_model(size, _Tok(), seed=0)
-    cfg = train.TrainConfig(seq_len=seq_len, batch_size=batch, lr=models.default_lr(size))
-    return train.Trainer(model, cfg, total_steps=1000, device=device), models.num_params(model)
+    model = models.new_model(size, _Tok(vocab), seed=0)
+    cfg = training.TrainConfig(seq_len=seq_len, batch_size=batch, lr=models.default_lr(size), fused_loss=fused_loss)
+    return training.Trainer(model, cfg, total_steps=1000, device=device), models.num_params(model)
+
+
+def _demo_model(device, steps, repeats):
+    """Tokens/s of the demo's tiny model before and now (one thread on CPU), interleaved."""
+    batch, seq_len = DEMO_BATCH
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1 if device == "cpu" else prev)
+    try:
+        rng = np.random.default_rng(0)
+        out = {}
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        for name, setting in (("before", DEMO_BEFORE), ("now", DEMO_NOW)):
+            rows = [rng.integers(0, setting["vocab"], seq_len).astype(np.uint16) for _ in range(batch)]
+            trainer, _ = _trainer("tiny", device, batch, seq_len, setting["vocab"], setting["fused_loss"])
+            trainer.step(rows)  # warmup
+            t, _ = best_of(lambda: [trainer.step(rows) for _ in range(steps)], repeats, sync)
+            out[name] = steps * batch * seq_len / t
+        return out
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _plain_step(model, opt, x):
@@ -79,17 +109,24 @@ def run(args):
     steps = 2 if args.quick else 10
     cores = os.cpu_count() or 1
     threads = [1] if device == "cuda" else sorted({1, cores})
-    rows = []
+    demo = _demo_model(device, steps, args.repeats)
+    rows = [{"size": "tiny (demo)", "setting": name, **setting, "threads": 1, "tokens_per_s": demo[name],
+             "vs_before": demo[name] / demo["before"]} for name, setting in (("before", DEMO_BEFORE), ("now", DEMO_NOW))]
     for size in sizes:
         for n in threads:
             ours, plain, params = _measure(size, device, n, steps, args.repeats)
             rows.append({"size": size, "params": params, "threads": n, "tokens_per_s": ours,
                          "plain_hf_tokens_per_s": plain, "vs_plain": ours / plain})
+    demo_table = markdown_table(
+        ["demo model", "vocabulary", "fused loss", "tokens/s (1 thread)", "× before"],
+        [(r["setting"], r["vocab"], r["fused_loss"], round(r["tokens_per_s"]), r["vs_before"])
+         for r in rows if "setting" in r])
     table = markdown_table(
         ["size", "params (M)", "threads", "cbtm tokens/s", "plain HF tokens/s", "× plain"],
         [(r["size"], r["params"] / 1e6, r["threads"], round(r["tokens_per_s"]), round(r["plain_hf_tokens_per_s"]),
-          r["vs_plain"]) for r in rows])
+          r["vs_plain"]) for r in rows if "setting" not in r])
     batch, seq_len = GPU_BATCH if device == "cuda" else CPU_BATCH
     header = (f"## train suite: {device}, batch {batch} x {seq_len} tokens, vocabulary {VOCAB}, "
               f"{'bf16 autocast' if device == 'cuda' else 'fp32'}, {steps} steps per timing\n\n")
-    return {"rows": rows, "markdown": header + table}
+    demo_header = (f"## train suite: the demo's model, {device}, batch {DEMO_BATCH[0]} x {DEMO_BATCH[1]} tokens\n\n")
+    return {"rows": rows, "markdown": demo_header + demo_table + "\n\n" + header + table}
