@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from itertools import chain, islice
+from itertools import chain, islice, repeat
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,10 +27,13 @@ from .rundir import atomic_save_safetensors, atomic_write_text, read_json
 NUMBER_TOKEN = "#NUMBER"
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default
 _FORMAT = "cbtm.tfidf_embedder"
+_MIN_TOKEN = 2  # TOKEN_PATTERN matches the maximal runs of word characters at least this long
+_WORD_RUNS = re.compile(r"(\w{%d,})" % _MIN_TOKEN)  # TOKEN_PATTERN's tokens as one split's odd pieces
+_CONTEXT_LOWER = "\u03a3"  # capital sigma: the one character whose lowercase depends on its neighbours
 _SPLIT = re.compile(r"(\s+)")  # splits text into whitespace-separated chunks: no token and no lowercase context crosses them
 _BATCH = 2048  # documents per transform batch
-_MEMO = 1 << 20  # analysed chunks remembered by prefix_embeddings
-_PREFIX_BATCH = 64  # texts embedded together by prefix_embeddings_batch
+_MEMO = 1 << 20  # terms outside the vocabulary remembered by prefix_embeddings
+_UNSEEN = -2  # a token not yet in that memo (known terms map to a column, the others to -1)
 
 
 def _number_vectorizer():
@@ -49,7 +52,21 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation as scikit-learn's Normalizer does it (near-zero rows left as they are)."""
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # (N,)
     norms[norms < 10 * np.finfo(x.dtype).eps] = 1.0
-    return (x / norms[:, None]).astype(np.float32)
+    return np.divide(x, norms[:, None], out=np.empty(x.shape, np.float32), casting="same_kind")
+
+
+def _check_offsets(text: str, char_offsets: Sequence[int]) -> np.ndarray:
+    """``char_offsets`` as int64 (M,), checked to be integers in [0, len(text)]."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    o = np.asarray(char_offsets)
+    if o.ndim != 1 or (o.size and o.dtype.kind not in "iu"):
+        raise TypeError("char_offsets must be a 1-D sequence of integers")
+    o = o.astype(np.int64)
+    if o.size and (o.min() < 0 or o.max() > len(text)):
+        bad = o[(o < 0) | (o > len(text))][0]
+        raise ValueError(f"char offset {bad} out of range [0, {len(text)}]")
+    return o
 
 
 class TfidfEmbedder:
@@ -108,7 +125,10 @@ class TfidfEmbedder:
         # per-term vector idf[w] * components[:, w], in float64 so running sums stay exact: (V, D)
         self._vec = np.ascontiguousarray(self.components.T, dtype=np.float64)
         self._vec *= self.idf.astype(np.float64)[:, None]
-        self._chunk_ids: dict[str, list[int]] = {}  # whitespace chunk -> term ids, shared by all calls
+        # the column of every term a token can match (no stop word, no digit-initial term: those map to
+        # -1 and #NUMBER); _term_ids adds the other tokens it meets, up to _MEMO of them
+        self._lookup = {t: i for i, t in enumerate(self.vocabulary) if t not in self._stop and not t[:1].isdigit()}
+        self._terms, self._terms_limit = dict(self._lookup), len(self._lookup) + _MEMO
 
     def _check_fitted(self) -> None:
         if self.vocabulary is None:
@@ -154,91 +174,95 @@ class TfidfEmbedder:
 
         Equal to ``transform([text[:c]])`` row by row; a word cut by the boundary counts as its
         truncated string. Offsets may come in any order and repeat; each must be in [0, len(text)].
-        Cost: one analysis of ``text`` plus one of each distinct partial word, O(words × D) arithmetic.
+        Cost: one tokenisation of ``text`` and one term lookup per token and per cut word, then
+        O((tokens + offsets) × D) arithmetic.
         """
         return self.prefix_embeddings_batch([text], [char_offsets])[0]
 
     def prefix_embeddings_batch(self, texts: Sequence[str],
                                 offsets_list: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """``prefix_embeddings`` of several texts, vectorised over texts (in batches of ``_PREFIX_BATCH``)."""
+        """``prefix_embeddings`` of several texts: a list of float32 (len(offsets), n_components) arrays."""
         self._check_fitted()
+        if self.token_pattern != TOKEN_PATTERN:
+            raise ValueError(f"prefix embeddings need the token pattern {TOKEN_PATTERN!r}, "
+                             f"this embedder has {self.token_pattern!r}")
         if len(texts) != len(offsets_list):
             raise ValueError(f"{len(texts)} texts but {len(offsets_list)} offset lists")
-        out: list[np.ndarray] = []
-        for i in range(0, len(texts), _PREFIX_BATCH):
-            out += self._prefix_batch(texts[i:i + _PREFIX_BATCH], offsets_list[i:i + _PREFIX_BATCH])
+        return [self._prefixes(text, offsets) for text, offsets in zip(texts, offsets_list)]
+
+    def _prefixes(self, text: str, char_offsets: Sequence[int]) -> np.ndarray:
+        """``prefix_embeddings`` from the text's terms: a running sum over its complete tokens plus the cut words."""
+        o = _check_offsets(text, char_offsets)
+        low = text.lower() if self.lowercase else text
+        if len(low) == len(text) and _CONTEXT_LOWER not in text:
+            ids, ready, rows, extra = self._token_terms(low, o)
+        else:
+            ids, ready, rows, extra = self._chunk_terms(text, o)
+        running = np.empty((len(ids) + 1, self.n_components))  # (T+1, D)
+        running[0] = 0.0
+        np.cumsum(self._vec[ids], axis=0, out=running[1:])
+        emb = running[np.searchsorted(ready, o, side="right")]  # (M, D)
+        vecs = self._vec[extra]
+        hit, start = np.unique(rows, return_index=True)  # rows come sorted
+        if len(hit) < len(rows):  # a cut chunk with several terms
+            vecs = np.add.reduceat(vecs, start, axis=0)
+        emb[hit] += vecs
+        return _l2_normalise(emb)
+
+    def _term_ids(self, terms: list[str]) -> np.ndarray:
+        """Column id of every token, int64 (``-1``: stop word or out of vocabulary), memoised across calls."""
+        memo = self._terms
+        out = np.fromiter(map(memo.get, terms, repeat(_UNSEEN)), dtype=np.int64, count=len(terms))
+        unseen = np.flatnonzero(out == _UNSEEN)
+        if unseen.size:
+            if len(memo) > self._terms_limit:
+                memo.clear()
+                memo.update(self._lookup)
+            number = self._lookup.get(NUMBER_TOKEN, -1)
+            for k in unseen.tolist():
+                t = terms[k]
+                out[k] = memo[t] = number if t[0].isdigit() else -1
         return out
 
-    def _prefix_batch(self, texts: Sequence[str], offsets_list: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Prefix embeddings of a few texts laid end to end (one separator character apart).
+    def _token_terms(self, low: str, offsets: np.ndarray):
+        """Terms of the prefixes of a text whose lowercase ``low`` keeps every position.
+
+        Then ``text[:c]`` lowercases to ``low[:c]``, whose tokens are the tokens of ``low`` that end
+        by ``c`` plus the token cut at ``c`` truncated, if at least ``_MIN_TOKEN`` characters remain.
+        Returns (term ids (T,), offset from which each counts (T,), cut offsets' rows, their term ids).
+        """
+        pieces = _WORD_RUNS.split(low)  # gap, token, gap, ..., gap
+        tokens = pieces[1::2]
+        bounds = np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
+        starts, ends = bounds[0:-1:2], bounds[1::2]  # (T,)
+        j = np.searchsorted(starts, offsets) - 1  # the last token starting before each offset
+        rows = np.flatnonzero(j >= 0)
+        rows = rows[(ends[j[rows]] > offsets[rows]) & (offsets[rows] - starts[j[rows]] >= _MIN_TOKEN)]
+        cuts = [low[a:c] for a, c in zip(starts[j[rows]].tolist(), offsets[rows].tolist())]
+        ids = self._term_ids(tokens + cuts)
+        ids, cut = ids[:len(tokens)], ids[len(tokens):]
+        return ids[ids >= 0], ends[ids >= 0], rows[cut >= 0], cut[cut >= 0]
+
+    def _chunk_terms(self, text: str, offsets: np.ndarray):
+        """``_token_terms`` for any text, by whitespace-separated chunks (lowercase may move positions).
 
         Tokens never span whitespace and lowercasing never looks across it (final sigma is the only
         context-dependent case; the token pattern matches word characters only), so ``text[:c]``
-        analyses as the complete whitespace-separated chunks before ``c`` plus the partial chunk
-        ``text[chunk_start:c]``, analysed on its own. Analyses are memoised across calls (the memo
-        is dropped when it exceeds ``_MEMO`` entries).
+        analyses as the complete chunks before ``c`` plus the partial chunk ``text[chunk_start:c]``.
         """
-        memo = self._chunk_ids
-        if len(memo) > _MEMO:
-            memo.clear()
-        get = memo.get
-
-        def ids_of(s: str) -> list[int]:
-            ids = get(s)
-            if ids is None:
-                ids = memo[s] = self._ids(s)
-            return ids
-
-        all_ids: list[list[int]] = []
-        starts, ends, offs, first_chunk, sizes = [], [], [], [], []
-        base = 0
-        for text, char_offsets in zip(texts, offsets_list):
-            if not isinstance(text, str):
-                raise TypeError(f"text must be str, got {type(text).__name__}")
-            o = np.asarray(char_offsets)
-            if o.ndim != 1 or (o.size and o.dtype.kind not in "iu"):
-                raise TypeError("char_offsets must be a 1-D sequence of integers")
-            o = o.astype(np.int64)  # (M,)
-            if o.size and (o.min() < 0 or o.max() > len(text)):
-                bad = o[(o < 0) | (o > len(text))][0]
-                raise ValueError(f"char offset {bad} out of range [0, {len(text)}]")
-            pieces = _SPLIT.split(text)  # chunk, whitespace, chunk, ... (chunks may be empty at the ends)
-            pos = np.zeros(len(pieces) + 1, dtype=np.int64)
-            np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), out=pos[1:])
-            chunks = pieces[0::2]
-            ids = [get(c) for c in chunks]
-            for k, v in enumerate(ids):
-                if v is None:
-                    ids[k] = ids_of(chunks[k])
-            first_chunk.append(len(all_ids))
-            all_ids += ids
-            starts.append(base + pos[0:-1:2])
-            ends.append(base + pos[1::2])
-            offs.append(base + o)
-            sizes.append(len(o))
-            base += len(text) + 1
-        joined = "\n".join(texts)
-        starts, ends, offs = np.concatenate(starts), np.concatenate(ends), np.concatenate(offs)  # global positions
-        n_before = np.zeros(len(all_ids) + 1, dtype=np.int64)  # tokens before chunk k: (C+1,)
-        np.cumsum(np.fromiter(map(len, all_ids), dtype=np.int64, count=len(all_ids)), out=n_before[1:])
-        token_ids = np.fromiter(chain.from_iterable(all_ids), dtype=np.int64, count=int(n_before[-1]))  # (T,)
-        running = np.zeros((len(token_ids) + 1, self.n_components))  # (T+1, D)
-        np.cumsum(self._vec[token_ids], axis=0, out=running[1:])
-
-        doc_tok0 = n_before[np.repeat(np.asarray(first_chunk, dtype=np.int64), sizes)]  # (M,)
-        done = np.searchsorted(ends, offs, side="right")  # complete chunks before each offset: (M,)
-        emb = running[n_before[done]] - running[doc_tok0]  # (M, D)
-        cut = np.flatnonzero(done < len(all_ids))
-        cut = cut[starts[done[cut]] < offs[cut]]  # offsets strictly inside a chunk
-        if cut.size:
-            part = [ids_of(joined[a:c]) for a, c in zip(starts[done[cut]].tolist(), offs[cut].tolist())]
-            n_part = np.fromiter(map(len, part), dtype=np.int64, count=len(part))  # tokens per partial chunk
-            flat = np.fromiter(chain.from_iterable(part), dtype=np.int64, count=int(n_part.sum()))
-            if flat.size:
-                has = n_part > 0
-                first = np.concatenate([[0], np.cumsum(n_part[has])[:-1]])
-                emb[cut[has]] += np.add.reduceat(self._vec[flat], first, axis=0)
-        return np.split(_l2_normalise(emb), np.cumsum(sizes)[:-1])
+        pieces = _SPLIT.split(text)  # chunk, whitespace, chunk, ... (chunks may be empty at the ends)
+        pos = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), out=pos[1:])
+        starts, ends = pos[0:-1:2], pos[1::2]  # (C,)
+        chunk_ids = [self._ids(c) for c in pieces[0::2]]
+        ids = np.fromiter(chain.from_iterable(chunk_ids), dtype=np.int64)
+        ready = np.repeat(ends, [len(c) for c in chunk_ids])
+        k = np.searchsorted(ends, offsets, side="right")  # the chunk each offset falls in or before
+        rows = np.flatnonzero(k < len(ends))
+        rows = rows[starts[k[rows]] < offsets[rows]]  # offsets strictly inside a chunk
+        part = [self._ids(text[a:c]) for a, c in zip(starts[k[rows]].tolist(), offsets[rows].tolist())]
+        cut_rows = np.repeat(rows, [len(p) for p in part])
+        return ids, ready, cut_rows, np.fromiter(chain.from_iterable(part), dtype=np.int64)
 
     # ---- persistence ----------------------------------------------------------------------------
 
