@@ -10,6 +10,7 @@ recomputation from defaults), so no run is evaluated on a document it trained on
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,10 +25,11 @@ SPLITS = ("train", "valid")
 
 
 def corpus_paths(corpus) -> list[str]:
-    """A corpus argument (None: the embedded corpus; a path; a list of paths) as a list of str."""
+    """A corpus argument (None: the embedded corpus; a path, glob or list of them) as absolute paths,
+    so a run directory's manifest names its corpus whatever the working directory later is."""
     if corpus is None:
         return [str(default_corpus_path())]
-    return [str(p) for p in (corpus if isinstance(corpus, (list, tuple)) else [corpus])]
+    return [os.path.abspath(p) for p in (corpus if isinstance(corpus, (list, tuple)) else [corpus])]
 
 
 def read_assignments(run) -> list[dict]:

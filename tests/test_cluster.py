@@ -151,3 +151,17 @@ def test_assign_ids_of_same_named_files_in_subfolders(tmp_path):
     records = read_records(run)
     assert len(records) == len(docs)
     assert sum(1 for _ in iter_documents(run)) == len(docs)
+
+
+def test_manifest_names_the_corpus_by_absolute_path(shards, tmp_path, monkeypatch):
+    """A run fitted from a relative corpus path keeps working from any working directory."""
+    from cbtm.assignments import iter_documents
+
+    corpus, n_docs = shards
+    monkeypatch.chdir(corpus.parent)
+    run = tmp_path / "run"
+    cluster.fit(corpus.name, run, k=2, n_components=8, progress=False)
+    cluster.assign(None, run, workers=1, progress=False)
+    assert RunDir(run).manifest()["corpus"]["paths"] == [str(corpus)]
+    monkeypatch.chdir(tmp_path)
+    assert sum(1 for _ in iter_documents(run)) == n_docs
