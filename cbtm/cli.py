@@ -336,7 +336,8 @@ def _eval(a):
 
     runs = evaluate.parse_runs(a.runs)
     evaluate.evaluate(runs, a.out or next(iter(runs.values())), top_ks=a.top_k.split(","), max_docs=a.max_docs,
-                      temperature=a.temperature, device=a.device)
+                      temperature=a.temperature, device=a.device, fewshot=a.fewshot, shots=a.shots, route=a.route,
+                      fewshot_limit=a.fewshot_limit)
 
 
 def _demo(a):
@@ -355,6 +356,13 @@ def _add_eval_demo(sub) -> None:
                    help=f"router temperature T (default {defaults.TEMPERATURE})")
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default=None, help="run directory whose reports/ receives eval.* (default: the first)")
+    f = e.add_argument_group("few-shot classification")
+    f.add_argument("--fewshot", default=None, metavar="TASK.jsonl",
+                   help="also report accuracy on a task of {id, text, label} lines (cbtm/data/tasks/sources.jsonl)")
+    f.add_argument("--shots", type=int, default=2, help="demonstrations per prompt (default 2)")
+    f.add_argument("--route", choices=("prompt", "token"), default="prompt",
+                   help="route once per example on its prompt (the official C-BTM setting) or per token")
+    f.add_argument("--fewshot-limit", type=positive_int, default=None, help="evaluate the first N examples only")
     e.set_defaults(fn=_eval)
 
     d = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, with the papers' claims checked")

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from . import defaults
 from .assignments import check_held_out, validation_documents
 from .ensemble import Ensemble, mix
+from .fewshot import SHOTS, evaluate_fewshot, read_task
 from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text, read_json
 
 TOP_KS = defaults.TOP_KS
@@ -56,10 +57,13 @@ def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperatu
 
 
 def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = None,
-             temperature: float = defaults.TEMPERATURE, device: str = "cpu", progress: bool = True) -> dict:
+             temperature: float = defaults.TEMPERATURE, device: str = "cpu", progress: bool = True,
+             fewshot: str | Path | None = None, shots: int = SHOTS, route: str = "prompt",
+             fewshot_limit: int | None = None) -> dict:
     """Evaluate named runs (name -> run directory) on the validation documents of the first run's
-    assignment records (checked to be validation documents of every run too); write
-    ``out/reports/eval.{json,md,png}`` and return the JSON dict."""
+    assignment records (checked to be validation documents of every run too); with ``fewshot`` (a
+    task file, see ``cbtm.fewshot``) also their few-shot accuracy; write ``out/reports/eval.{json,md,png}``
+    and return the JSON dict."""
     if not runs:
         raise ValueError("no runs to evaluate")
     t0 = time.perf_counter()
@@ -70,6 +74,10 @@ def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = 
     for path in runs.values():
         check_held_out(path, [i for i, _ in docs])
     texts = [t for _, t in docs]
+    if fewshot is not None:
+        task_ids = [str(ex["id"]) for ex in read_task(fewshot)[0] if "id" in ex]
+        for path in runs.values():
+            check_held_out(path, task_ids)
     results = {}
     for name, path in tqdm(list(runs.items()), desc="evaluating", unit="run", disable=not progress):
         results[name] = evaluate_run(path, texts, top_ks, temperature, device)
@@ -77,6 +85,13 @@ def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = 
               "top_k": _parse_top_ks(top_ks), "runs": {n: {"path": str(p), **results[n]} for n, p in runs.items()},
               "perplexity": {n: r["perplexity"] for n, r in results.items()},
               "seconds": round(time.perf_counter() - t0, 1)}
+    if fewshot is not None:
+        acc = {n: evaluate_fewshot(p, fewshot, shots, route, report["top_k"], temperature, device, fewshot_limit)
+               for n, p in tqdm(list(runs.items()), desc="few-shot", unit="run", disable=not progress)}
+        report["fewshot"] = {"task": str(fewshot), "shots": shots, "route": route,
+                             "examples": next(iter(acc.values()))["examples"],
+                             "accuracy": {n: a["accuracy"] for n, a in acc.items()}}
+        report["seconds"] = round(time.perf_counter() - t0, 1)
     reports = RunDir(out).reports
     atomic_write_json(reports / "eval.json", report)
     md = eval_markdown(report)
@@ -88,15 +103,27 @@ def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = 
 
 
 def eval_markdown(report: dict) -> str:
-    cols = report["top_k"]
     lines = [f"Validation perplexity ({report['documents']} documents, {report['tokens']:,} tokens; "
-             f"router temperature {report['temperature']})", "",
-             "| run | experts | " + " | ".join(f"top-{c}" if c != "all" else "all" for c in cols) + " |",
+             f"router temperature {report['temperature']})", ""]
+    lines += _table(report, {n: r["perplexity"] for n, r in report["runs"].items()}, "{:.2f}")
+    if "fewshot" in report:
+        fs = report["fewshot"]
+        routing = "routed once on the prompt" if fs["route"] == "prompt" else "routed per token"
+        lines += ["", f"Few-shot accuracy on {Path(fs['task']).name} ({fs['examples']} examples, {fs['shots']} "
+                  f"shots, {routing})", ""]
+        lines += _table(report, fs["accuracy"], "{:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def _table(report: dict, values: dict, fmt: str) -> list[str]:
+    """Markdown rows: one per run, one column per top-k of the report (``values``: run -> top-k -> number)."""
+    cols = report["top_k"]
+    lines = ["| run | experts | " + " | ".join(f"top-{c}" if c != "all" else "all" for c in cols) + " |",
              "| --- | ---: |" + " ---: |" * len(cols)]
     for name, r in report["runs"].items():
-        cells = [f"{r['perplexity'][c]:.2f}" if c in r["perplexity"] else "" for c in cols]
+        cells = [fmt.format(values[name][c]) if c in values[name] else "" for c in cols]
         lines.append(f"| {name} | {r['experts']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(perplexity: dict, path: Path, top_ks: Sequence[str] = TOP_KS) -> None:
