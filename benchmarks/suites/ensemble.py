@@ -81,4 +81,7 @@ def run(args):
           + markdown_table(["method", "tokens/s", "× dense"], [[r["method"], r["tokens_per_s"], r["vs_dense"]]
                                                                for r in rows])
           + f"\n\nGoal (GPU): top-1 of {K} >= 0.8x dense: {rows[1]['vs_dense']:.2f}x")
-    return {"rows": rows, "markdown": md, "params": params}
+    top1 = rows[1]["vs_dense"]
+    goals = [{"goal": f"top-1 of {K} scoring throughput vs one dense model ({args.device})", "target": "≥ 0.8× (GPU)",
+              "measured": f"{top1:.2f}×", "met": top1 >= 0.8 if args.device == "cuda" else None}]
+    return {"rows": rows, "markdown": md, "params": params, "goals": goals}

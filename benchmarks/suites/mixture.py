@@ -9,6 +9,8 @@ Methods:
 - ``triton``: ``weighted_logsumexp_triton`` / ``weighted_logsumexp_target_triton`` (``--device cuda``;
   on CPU only under TRITON_INTERPRET=1 and at tiny sizes, so not timed there);
 - ``torch fallback``: the plain-PyTorch reference in float32 (what cbtm runs on CPU);
+- ``torch compile``: that reference through ``torch.compile``, for the ``COMPILED`` shapes only
+  (B=8192, k=4, V=50272 on CUDA; compilation excluded from the time);
 - ``naive`` (anchor): stack the k float32 log-softmaxes, add the log weights, ``torch.logsumexp``
   over experts (what a straightforward ensemble does; reads every expert, dropped or not).
 
@@ -24,13 +26,15 @@ from benchmarks.common import best_of, markdown_table
 # (B, V, k, dtype, routing)
 FULL_CUDA = [(8, 50272, 8, torch.bfloat16, "all"), (256, 50272, 8, torch.bfloat16, "all"),
              (256, 50272, 8, torch.bfloat16, "top-2"), (256, 50272, 8, torch.float32, "all"),
-             (1024, 8192, 8, torch.bfloat16, "all"), (1024, 32000, 4, torch.bfloat16, "all")]
+             (1024, 8192, 8, torch.bfloat16, "all"), (1024, 32000, 4, torch.bfloat16, "all"),
+             (8192, 50272, 4, torch.bfloat16, "all")]
 TARGET_CUDA = [(4096, 50272, 8, torch.bfloat16, "all"), (4096, 50272, 8, torch.bfloat16, "top-2"),
-               (8192, 32000, 4, torch.bfloat16, "all")]
+               (8192, 32000, 4, torch.bfloat16, "all"), (8192, 50272, 4, torch.bfloat16, "all")]
 FULL_CPU = [(32, 50272, 4, torch.bfloat16, "all"), (32, 50272, 8, torch.bfloat16, "top-2"),
             (128, 8192, 8, torch.float32, "all")]
 TARGET_CPU = [(256, 50272, 4, torch.bfloat16, "all"), (256, 50272, 8, torch.bfloat16, "top-2")]
 ERR_ROWS = 8  # rows compared with the float64 reference
+COMPILED = (50272, 4, torch.bfloat16, "all")  # (V, k, dtype, routing) of the cases also timed under torch.compile
 
 
 def _inputs(B, V, k, dtype, routing, device, seed=0):
@@ -82,17 +86,21 @@ def _section(cases, full, device, args, copy_gbs, rows, use_triton):
         k_active = float((lw > float("-inf")).sum(1).float().mean())
         nbytes = _bytes(B, V, k_active, xs[0].element_size(), full)
         if full:
-            methods = {"torch fallback": lambda: mx.weighted_logsumexp_ref(xs, lw, upcast=torch.float32),
-                       "naive": lambda: _naive(xs, lw)}
+            fallback = lambda xs, lw: mx.weighted_logsumexp_ref(xs, lw, upcast=torch.float32)  # noqa: E731
+            methods = {"torch fallback": lambda: fallback(xs, lw), "naive": lambda: _naive(xs, lw)}
             if use_triton:
                 methods = {"triton": lambda: mx.weighted_logsumexp_triton(xs, lw), **methods}
             exact = mx.weighted_logsumexp_ref([x[:ERR_ROWS] for x in xs], lw[:ERR_ROWS])
         else:
-            methods = {"torch fallback": lambda: mx.weighted_logsumexp_target_ref(xs, lw, target, upcast=torch.float32),
-                       "naive": lambda: _naive_target(xs, lw, target)}
+            fallback = lambda xs, lw: mx.weighted_logsumexp_target_ref(xs, lw, target, upcast=torch.float32)  # noqa: E731
+            methods = {"torch fallback": lambda: fallback(xs, lw), "naive": lambda: _naive_target(xs, lw, target)}
             if use_triton:
                 methods = {"triton": lambda: mx.weighted_logsumexp_target_triton(xs, lw, target), **methods}
             exact = mx.weighted_logsumexp_target_ref([x[:ERR_ROWS] for x in xs], lw[:ERR_ROWS], target[:ERR_ROWS])
+        if (V, k, dtype, routing) == COMPILED:
+            compiled = torch.compile(fallback, dynamic=False)
+            compiled(xs, lw)  # compile outside the timing
+            methods["torch compile"] = lambda: compiled(xs, lw)
         timed = {m: best_of(fn, args.repeats, sync) for m, fn in methods.items()}
         t_naive = timed["naive"][0]
         for method, (t, out) in timed.items():
@@ -146,7 +154,14 @@ def _goals(rows, use_triton):
     worst_bw = min(r["pct_copy_bw"] for r in big)
     worst_speed = min(r["vs_naive"] for r in tri)
     worst_err = max(r["max_abs_err"] for r in tri)
-    return [
+    shape = (COMPILED[0], COMPILED[1], str(COMPILED[2]).split(".")[1], COMPILED[3])
+    at = {(r["section"], r["method"]): r for r in rows if (r["V"], r["k"], r["dtype"], r["routing"]) == shape}
+    vs_compile = [{"goal": f"Triton vs torch.compile, {section}, B={at[section, 'triton']['B']}, k={shape[1]}, "
+                           f"V={shape[0]}", "target": "≥ 1×",
+                   "measured": f"{at[section, 'torch compile']['seconds'] / at[section, 'triton']['seconds']:.2f}×",
+                   "met": at[section, "torch compile"]["seconds"] >= at[section, "triton"]["seconds"]}
+                  for section in ("full", "target")]
+    return vs_compile + [
         {"goal": "Triton bytes-model bandwidth, B >= 256 (worst case)", "target": "≥ 70% of copy",
          "measured": f"{worst_bw:.0f}%", "met": worst_bw >= 70},
         {"goal": "Triton speed vs naive stacked torch (worst case)", "target": "≥ 2×",
