@@ -181,7 +181,7 @@ def plot_curves(curves: dict, path: Path) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, jobs) in enumerate(curves.items()):
         for j, (job, pts) in enumerate(sorted(jobs.items())):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[i % len(colours)], lw=1,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[i % len(colours)], lw=1, marker="o", ms=2,
                     label=name if j == 0 else None, alpha=0.9 if len(jobs) == 1 else 0.6)
     ax.set_xlabel("training tokens of the job")
     ax.set_ylabel("validation loss (own split)")
