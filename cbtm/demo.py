@@ -22,7 +22,7 @@ from . import cluster, evaluate, models, tokens
 from .assignments import corpus_paths, read_assignments, write_assignments
 from .corpus import read_documents
 from .kmeans import BalancedKMeans
-from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text
+from .rundir import RunDir, atomic_write_json, atomic_write_text
 from .training import train_dense, train_experts
 
 # One recipe for every corpus (issue 9), the papers' regime in miniature: a long seed phase that is
@@ -243,12 +243,7 @@ def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
 
 def plot_scaling(ppl: dict, scales, total_tokens: int, path: Path) -> None:
     """Validation perplexity (all experts) vs training tokens, one line per k (k=1: dense)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = evaluate.new_figure()
     for k in (1, *KS):
         pts = [(s * total_tokens, _all(ppl, ("dense" if k == 1 else f"cbtm-k{k}") + ("" if s == 1 else f"-x{s}")))
                for s in scales]
@@ -256,13 +251,7 @@ def plot_scaling(ppl: dict, scales, total_tokens: int, path: Path) -> None:
         if pts:
             ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label="dense (k=1)" if k == 1 else f"k={k}")
     ax.set_xscale("log")
-    ax.set_xlabel("training tokens per compared run (after the seed)")
-    ax.set_ylabel("validation perplexity")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    evaluate.save_figure(fig, ax, path, "training tokens per compared run (after the seed)", "validation perplexity")
 
 
 def _n_experts(run) -> int | None:

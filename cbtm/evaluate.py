@@ -126,15 +126,30 @@ def _table(report: dict, values: dict, fmt: str) -> list[str]:
     return lines
 
 
+def new_figure(size=(6, 4)):
+    """A matplotlib figure and axes drawn off-screen (the Agg canvas, no global backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def save_figure(fig, ax, path: Path, xlabel: str, ylabel: str) -> None:
+    """Label, legend and grid the axes, then write the figure as a PNG atomically."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+
+
 def plot(perplexity: dict, path: Path, top_ks: Sequence[str] = TOP_KS) -> None:
     """Perplexity vs top-k (categorical axis), one line per run; one-expert runs as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = [c for c in top_ks if any(c in p for p in perplexity.values())]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure()
     for name, p in perplexity.items():
         pts = [(i, p[c]) for i, c in enumerate(cols) if c in p]
         if list(p) == ["all"]:
@@ -142,13 +157,7 @@ def plot(perplexity: dict, path: Path, top_ks: Sequence[str] = TOP_KS) -> None:
         else:
             ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", label=name)
     ax.set_xticks(range(len(cols)), [f"top-{c}" if c != "all" else "all" for c in cols])
-    ax.set_xlabel("experts used per token")
-    ax.set_ylabel("validation perplexity")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, ax, path, "experts used per token", "validation perplexity")
 
 
 def learning_curves(runs: dict) -> dict:
@@ -172,24 +181,12 @@ def learning_curves(runs: dict) -> dict:
 
 def plot_curves(curves: dict, path: Path) -> None:
     """One panel: validation loss vs tokens, a line per job (experts of a run share its colour)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = new_figure((7, 4.5))
     for i, (name, jobs) in enumerate(curves.items()):
         for j, (job, pts) in enumerate(sorted(jobs.items())):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[i % len(colours)], lw=1, marker="o", ms=2,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", lw=1, marker="o", ms=2,
                     label=name if j == 0 else None, alpha=0.9 if len(jobs) == 1 else 0.6)
-    ax.set_xlabel("training tokens of the job")
-    ax.set_ylabel("validation loss (own split)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, ax, path, "training tokens of the job", "validation loss (own split)")
 
 
 def parse_runs(values: Sequence[str]) -> dict:
