@@ -253,7 +253,7 @@ def train_moe(moe_run, out, total_tokens: int, *, router_only: bool = False,
         raise ValueError(f"--aux-loss-coef must be >= 0, got {aux_loss_coef}")
     mix = {"moe_run": str(moe_run.path.resolve()), "router_only": bool(router_only),
            "aux_loss_coef": float(aux_loss_coef)}
-    if out.exists() and (out.section("mix").get("moe_run"), bool(out.section("moe"))) != (mix["moe_run"], True):
+    if out.exists() and out.section("mix").get("moe_run") != mix["moe_run"]:
         raise ValueError(f"{out.path} exists and is not a MiX run of {moe_run.path}: choose a new directory")
     entry = trained_entries(moe_run)[0]
     src = moe_run.resolve(entry["path"])
@@ -264,6 +264,7 @@ def train_moe(moe_run, out, total_tokens: int, *, router_only: bool = False,
         raise ValueError(f"the weights in {src} do not match the checksum in {moe_run.manifest_path}: "
                          "export the MoE again")
     cfg = make_config(TrainConfig(lr=models.default_lr(None)), settings)
+    out.update(mix={"moe_run": mix["moe_run"]})  # the directory is this MiX run's from now on
     s = assignments.corpus_settings(moe_run)
     assignments.write_assignments(out, assignments.dense_records(moe_run), s["paths"], k=1, name="dense",
                                   text_field=s["text_field"], id_field=s["id_field"], source=f"MiX of {moe_run.path}")

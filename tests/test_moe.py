@@ -172,9 +172,26 @@ def test_mix_resume_after_kill_is_bit_identical(clustered, tmp_path):
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], seed["model.layers.0.self_attn.q_proj.weight"])
     m = RunDir(tmp_path / "mix").manifest()
     assert m["experts"][0]["status"] == "done" and m["mix"]["router_only"] is False
-    # another setting in the same run is refused; the load-balancing loss is part of the training loss
+    # another setting in the same run is refused
     with pytest.raises(ValueError, match="other settings"):
         moe.train_moe(tmp_path / "moe", tmp_path / "mix", 768, **{**kw, "aux_loss_coef": 0.5})
+
+
+def test_training_loss_adds_the_load_balancing_loss(clustered, tmp_path):
+    from cbtm.training.mix import MixTrainer
+
+    run = with_experts(clustered, tmp_path, [llama(1), llama(2)])
+    mix = models.load_model(moe.export_moe(run, tmp_path / "moe", gate="random", progress=False))
+    rows = [r.numpy() for r in ids(3, 16)]
+    cfg = training.TrainConfig(seq_len=16, lr=1e-3)
+    plain, aux = training.Trainer(mix, cfg, 1), MixTrainer(mix, cfg, 1, aux_loss_coef=0.5)
+    x = torch.from_numpy(np.stack(rows))
+    with torch.no_grad():
+        reference = mix(input_ids=x, output_router_logits=True).aux_loss  # transformers' own
+        loss, with_aux = plain._loss_sum(plain.net, rows), aux._loss_sum(aux.net, rows)
+        assert float(with_aux - loss) == pytest.approx(0.5 * float(reference) * 3 * 15, rel=1e-5)
+        mix.eval()
+        assert torch.equal(aux._loss_sum(aux.net, rows), plain._loss_sum(plain.net, rows))  # validation: plain
 
 
 def test_router_only_trains_only_the_routers_and_eval_reads_moe_runs(clustered, tmp_path, monkeypatch):
