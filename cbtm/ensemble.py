@@ -33,22 +33,11 @@ def resolve_devices(device: str | Sequence[str]) -> list[str]:
         raise ValueError("no devices given")
     out = []
     for name in names:
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-        if dev.type == "cuda":
-            n = torch.cuda.device_count()
-            if n == 0:
-                raise ValueError(f"device {name!r} requested but no CUDA device is available")
-            if dev.index is None:
-                out += [f"cuda:{i}" for i in range(n)]
-                continue
-            if dev.index >= n:
-                raise ValueError(f"device {name!r} requested but only {n} CUDA devices are visible")
-        elif dev.type != "cpu":
-            raise ValueError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
-        out.append(str(dev))
+        dev = models.parse_device(name)
+        if dev.type == "cuda" and dev.index is None:  # every visible GPU
+            out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        else:
+            out.append(str(dev))
     return out
 
 

@@ -56,6 +56,26 @@ def new_model(size: str, tokenizer, seed: int = 0):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def parse_device(name) -> "torch.device":
+    """``name`` ("cpu", "cuda", "cuda:N") as a usable torch device; anything else, or a CUDA device
+    that is not there, is a ValueError naming it."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ValueError(f"device {name!r} requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {name!r} requested but only {n} CUDA devices are visible")
+    return dev
+
+
 def _check_model_dir(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"model directory not found: {path}")

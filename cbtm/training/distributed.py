@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from ..models import parse_device
+
 
 def process_world() -> tuple[int, int]:
     import torch.distributed as dist
@@ -28,18 +30,8 @@ def launched_by_torchrun() -> bool:
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda requested but torch.cuda.is_available() is False")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
+    dev = parse_device(device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
 
 
 @contextlib.contextmanager
