@@ -10,4 +10,5 @@ N_COMPONENTS = 100         # SVD dimensions of the embedder
 MAX_ITER = 20              # k-means iterations
 VOCAB_SIZE = 8192          # byte-level BPE trained when a run has no tokenizer
 MODEL_SIZE = "tiny"        # named model config of fresh experts
-EVAL_BATCH = 8             # texts scored at once by an ensemble
+EVAL_BATCH = 32            # texts scored at once by an ensemble
+EVAL_CHUNK_TOKENS = 8192   # padded positions per expert forward pass when scoring

@@ -22,6 +22,7 @@ from .router import Router, keep_top_k
 from .rundir import RunDir
 from .assignments import validation_texts
 from .tokens import load_tokenizer
+from .training.loss import fused_head, linear_target_logprobs
 
 KINDS = ("cluster", "uniform", "posterior")
 
@@ -116,6 +117,7 @@ class Ensemble:
         self.router = router
         self.prior = np.full(k, 1.0 / k) if prior is None else np.asarray(prior, np.float64)
         self.batch_size = int(batch_size)
+        self.chunk_tokens = defaults.EVAL_CHUNK_TOKENS
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if self.bos is None:
             raise ValueError("the tokenizer has neither a BOS nor an EOS token")
@@ -181,11 +183,17 @@ class Ensemble:
         """log p_j(target) at every position of the given windows: (n, L) float32 on the mix device."""
         model = self.pool.get(j)
         dev = self.pool.device(j)
+        n, L = inputs.shape
+        fused = fused_head(model)  # logits = h @ W.T: the (n, L, V) logits need not be held
         with torch.no_grad():
-            logits = model(input_ids=inputs.to(dev), attention_mask=mask.to(dev)).logits  # (n, L, V)
-        n, L, V = logits.shape
-        zero = torch.zeros(n * L, 1, device=dev)
-        lp = ops.weighted_logsumexp_target([logits.reshape(n * L, V)], zero, targets.to(dev).reshape(-1))
+            if fused is not None:
+                body, weight = fused
+                h = body(input_ids=inputs.to(dev), attention_mask=mask.to(dev)).last_hidden_state  # (n, L, d)
+                lp = linear_target_logprobs(h.reshape(n * L, -1), weight, targets.to(dev).reshape(-1)).float()
+            else:
+                logits = model(input_ids=inputs.to(dev), attention_mask=mask.to(dev)).logits  # (n, L, V)
+                lp = -torch.nn.functional.cross_entropy(logits.reshape(n * L, -1).float(),
+                                                        targets.to(dev).reshape(-1), reduction="none")
         self.expert_calls[j] += n
         return lp.reshape(n, L).to(self.mix_device)
 
@@ -243,9 +251,8 @@ class Ensemble:
         last = torch.where(need, torch.arange(1, L + 1)[None, :, None], 0).amax(1)  # (R, K)
         lp = torch.full((k, R, L), -math.inf)  # (K, R, L) log p_j of each target
         for j in range(k):
-            sel = last[:, j].nonzero().flatten()
-            if len(sel):
-                n = int(last[sel, j].max())
+            for sel in _length_chunks(last[:, j], self.chunk_tokens):
+                n = int(last[sel[0], j])
                 lp[j, sel, :n] = self._expert_logprobs(j, inputs[sel, :n], mask[sel, :n], targets[sel, :n]).cpu()
         if self.kind == "posterior":
             logw = self._posterior_logw(lp, rows, len(texts))
@@ -369,6 +376,19 @@ class Ensemble:
             ids.append(nxt)
             new.append(nxt)
         return self.tokenizer.decode(new)
+
+
+def _length_chunks(need: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Rows with ``need > 0`` (positions an expert must compute per row: (R,)) longest first, cut into
+    chunks of at most ``budget`` padded positions (at least one row each): little padding per forward."""
+    rows = need.nonzero().flatten()
+    rows = rows[torch.argsort(need[rows], descending=True, stable=True)]
+    out, start = [], 0
+    while start < len(rows):
+        per_row = max(1, budget // int(need[rows[start]]))
+        out.append(rows[start:start + per_row])
+        start += per_row
+    return out
 
 
 def mix(lp: np.ndarray, w: np.ndarray, top_k: int | None = None) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 
 from cbtm import cluster
 from cbtm.corpus import default_corpus_path, read_documents
-from cbtm.ensemble import Ensemble
+from cbtm.ensemble import Ensemble, _length_chunks
 from cbtm.router import Router
 from cbtm.rundir import RunDir
 
@@ -120,9 +120,11 @@ def test_router_weights_match_the_formula(run, texts):
         Router.load(run, temperature=0.0)
 
 
-@pytest.mark.parametrize("top_k", [1, 2, None])
-def test_score_equals_dense_reference(run, texts, top_k):
+@pytest.mark.parametrize("top_k,chunk", [(1, None), (2, None), (None, None), (2, 7), (None, 1)])
+def test_score_equals_dense_reference(run, texts, top_k, chunk):
     ens = Ensemble.load(run, top_k=top_k)
+    if chunk is not None:  # every expert forward cut into many small length-sorted chunks
+        ens.chunk_tokens = chunk
     got = ens.score(texts)
     want = _reference(run, texts, top_k)
     for g, w in zip(got, want):
@@ -145,9 +147,23 @@ def test_only_routed_experts_run(run, texts):
     assert max(ens1.expert_calls) <= windows < sum(ens1.expert_calls) < K * windows
 
 
+@pytest.mark.parametrize("need,budget", [([0, 5, 3, 0, 5, 1], 10), ([7], 3), ([0, 0], 4), ([2, 9, 4, 4, 1, 8], 8),
+                                         ([1] * 20, 6)])
+def test_length_chunks_cover_each_needed_row_once(need, budget):
+    need = torch.tensor(need)
+    chunks = _length_chunks(need, budget)
+    rows = torch.cat(chunks).tolist() if chunks else []
+    assert sorted(rows) == [i for i, n in enumerate(need.tolist()) if n > 0]
+    lengths = [int(need[r]) for r in rows]
+    assert lengths == sorted(lengths, reverse=True)  # longest first: little padding per chunk
+    for c in chunks:
+        assert len(c) == 1 or len(c) * int(need[c[0]]) <= budget
+
+
 @pytest.mark.triton
 def test_score_through_the_triton_interpreter(run, texts):
-    """Scoring and a generation step with the mixture kernels themselves (interpreted on CPU)."""
+    """A generation step mixes with the mixture kernels themselves (interpreted on CPU); scoring still
+    matches the reference with them selected."""
     from cbtm.kernels import mixture_backend
 
     if not torch.cuda.is_available():

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cbtm.training.loss import IGNORE, fused_head, linear_cross_entropy, linear_cross_entropy_ref
+from cbtm.training.loss import (IGNORE, fused_head, linear_cross_entropy, linear_cross_entropy_ref,
+                               linear_target_logprobs)
 
 
 @pytest.mark.parametrize("n,d,v,chunk", [(1, 1, 2, None), (7, 5, 11, 3), (64, 16, 300, None), (130, 32, 1000, 17),
@@ -40,6 +41,20 @@ def test_low_precision_inputs_against_float64(dtype, tol, rng):
     assert abs(float(got) - float(want)) <= tol * abs(float(want))
     assert torch.allclose(h.grad.double(), ref_h.grad, atol=tol * 10, rtol=tol * 10)
     assert torch.allclose(w.grad.double(), ref_w.grad, atol=tol * 10, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("n,d,v,chunk", [(1, 1, 2, None), (7, 5, 11, 3), (130, 32, 1000, 17), (33, 8, 257, 64)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_target_logprobs_against_float64(n, d, v, chunk, dtype, tol, rng):
+    """Per-row log p(target) for scoring, chunked, against log_softmax of the float64 logits."""
+    h64, w64 = torch.tensor(rng.standard_normal((n, d))), torch.tensor(rng.standard_normal((v, d)) * 0.5)
+    t = torch.tensor(rng.integers(0, v, n))
+    got = linear_target_logprobs(h64.to(dtype), w64.to(dtype), t, chunk)
+    ref = torch.log_softmax(h64.to(dtype).double() @ w64.to(dtype).double().T, 1)[torch.arange(n), t]
+    assert got.shape == (n,) and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.allclose(got.double(), ref, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="shapes"):
+        linear_target_logprobs(h64, w64, t[:-1] if n > 1 else torch.zeros(2, dtype=torch.long))
 
 
 def test_every_target_ignored_and_bad_shapes():

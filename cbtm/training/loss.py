@@ -74,6 +74,24 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _LinearCrossEntropy.apply(h, weight, targets.long(), int(chunk))
 
 
+@torch.no_grad()
+def linear_target_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           chunk: int | None = None) -> torch.Tensor:
+    """``log_softmax(h @ weight.T)[i, targets[i]]`` per row without holding the (N, V) logits (scoring).
+    h: (N, d), weight: (V, d), targets: (N,) -> (N,) float32 (float64 for float64 inputs)."""
+    if h.ndim != 2 or weight.ndim != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
+        raise ValueError(f"shapes: h (N, d), weight (V, d), targets (N,); got {tuple(h.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    acc = torch.promote_types(h.dtype, torch.float32)
+    out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+    w = weight.to(h.dtype)
+    for s in range(0, h.shape[0], chunk):
+        z = (h[s:s + chunk] @ w.T).to(acc)  # (c, V)
+        out[s:s + chunk] = -F.cross_entropy(z, targets[s:s + chunk].long(), reduction="none")
+    return out
+
+
 def fused_head(model):
     """``(body, weight)`` when ``model``'s logits are exactly ``body(...).last_hidden_state @ weight.T``
     (a bias-free output projection, no logit scaling or soft-capping), else None."""
