@@ -2,12 +2,12 @@
 papers' comparisons at laptop scale, and one table saying which claims this run reproduced.
 
 Stages (each resumes when rerun): a shared BPE tokenizer and a dense seed model (the BTM seed
-phase) -> balanced tf-idf clusterings k in {2, 4, 8} (one shared embedder) -> baselines: random
-equal split (k=4), unbalanced k-means (k=4), gold metadata split (one expert per label) -> every
-expert branched from the seed and trained on its cluster with a compute-matched budget (k experts
-of T/k tokens each) -> a dense model trained T tokens from the same seed -> validation perplexity
-of every run at top-k in {1, 2, 4, all} -> reports/demo.{json,md} and reports/eval.png.
-"""
+phase) -> balanced tf-idf clusterings for the budget's k (one shared embedder) -> the budget's
+baselines: random equal split (k=4), unbalanced k-means (k=4), gold metadata split (one expert per
+label) -> every expert branched from the seed and trained on its cluster with a compute-matched
+budget (k experts of T/k tokens each) -> a dense model trained T tokens from the same seed ->
+validation perplexity of every run at top-k in {1, 2, 4, all} -> reports/demo.{json,md},
+reports/eval.png, reports/curves.png (and reports/scaling.png for several budgets)."""
 
 from __future__ import annotations
 
@@ -35,19 +35,24 @@ BRANCH_SCHEDULE = dict(warmup=0.0, min_lr_ratio=0.1)
 VOCAB_SIZE = 4096
 
 # total_tokens: T, the budget of every compared run; seed_tokens: the shared seed phase;
-# scales: multiples of T also run for the "best k grows with the budget" claim; baselines: the
-# random / unbalanced / gold splits (the scaling study trains only k in KS and dense, k=1).
+# scales: multiples of T also run for the "best k grows with the budget" claim; baselines: which of
+# the random / unbalanced / gold splits to train; ks: the numbers of clusters (the scaling study trains
+# only those and dense, k=1). The small budget fits 15 minutes on 2 CPU cores: k=2 and the unbalanced
+# split are left to the scaling study and the medium budget.
+KS = (2, 4, 8)
+BASELINES = ("random", "unbalanced", "gold")
 BUDGETS = {
     "tiny": dict(total_tokens=24_000, seed_tokens=8_000, model_size="tiny", seq_len=64, batch_size=8,
-                 eval_docs=12, scales=(1,), parallel=False, baselines=True),
-    "small": dict(total_tokens=600_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
-                  eval_docs=150, scales=(1,), parallel=True, baselines=True),
-    "scaling": dict(total_tokens=300_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
-                    eval_docs=150, scales=(1, 2, 4), parallel=True, baselines=False),
+                 eval_docs=12, scales=(1,), parallel=False, baselines=BASELINES, ks=KS),
+    "small": dict(total_tokens=1_200_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
+                  eval_docs=150, scales=(1,), parallel=True, baselines=("random", "gold"), ks=(4, 8)),
+    "scaling": dict(total_tokens=600_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
+                    eval_docs=150, scales=(1, 2, 4), parallel=True, baselines=(), ks=KS),
     "medium": dict(total_tokens=20_000_000, seed_tokens=20_000_000, model_size="small", seq_len=512, batch_size=32,
-                   eval_docs=None, scales=(1, 4), parallel=False, baselines=True),
+                   eval_docs=None, scales=(1, 4), parallel=False, baselines=BASELINES, ks=KS),
 }
-KS = (2, 4, 8)
+CURVE_POINTS = 4  # validation losses per training job (the learning curves) ...
+CURVE_TOKENS = 16_384  # ... each on this many tokens of the job's validation documents
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -89,37 +94,42 @@ def _random_equal(records: list[dict], k: int) -> list[dict]:
     return out
 
 
-def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines: bool = True) -> dict[str, Path]:
-    """Cluster the corpus for every compared run (resumable); returns name -> run directory."""
-    runs = {f"cbtm-k{k}": out / f"cbtm-k{k}" for k in KS}
-    base = runs["cbtm-k8"]
+def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELINES, ks=KS) -> dict[str, Path]:
+    """Cluster the corpus into k in ``ks`` balanced clusters and the named ``baselines`` (resumable;
+    the largest k fits the shared embedder); returns name -> run directory."""
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}: choose from {BASELINES}")
+    ks = sorted(ks, reverse=True)
+    runs = {f"cbtm-k{k}": out / f"cbtm-k{k}" for k in ks}
+    base = runs[f"cbtm-k{ks[0]}"]
     if not RunDir(base).exists() or "cluster" not in RunDir(base).manifest():
-        _log(progress, "clustering k=8 (fits the shared tf-idf + SVD embedder)")
-        cluster.fit(corpus, base, k=8, progress=progress)
+        _log(progress, f"clustering k={ks[0]} (fits the shared tf-idf + SVD embedder)")
+        cluster.fit(corpus, base, k=ks[0], progress=progress)
     embedder, _ = cluster.load_router(base)
-    for k in KS:
+    for k in ks:
         run = runs[f"cbtm-k{k}"]
         if not RunDir(run).exists() or "cluster" not in RunDir(run).manifest():
             _log(progress, f"clustering k={k} (balanced)")
             cluster.fit(corpus, run, k=k, embedder=embedder, progress=progress)
         cluster.assign(corpus, run, label_field="domain", progress=progress)
-    if not baselines:
+    if "unbalanced" in baselines:
+        unbalanced = out / "unbalanced-k4"
+        if not RunDir(unbalanced).exists() or "cluster" not in RunDir(unbalanced).manifest():
+            _log(progress, "clustering k=4 (unbalanced k-means)")
+            cluster.fit(corpus, unbalanced, k=4, balanced=False, embedder=embedder, progress=progress)
+        cluster.assign(corpus, unbalanced, balanced=False, progress=progress)
+        runs["unbalanced-k4"] = unbalanced
+    if "random" in baselines:  # random equal split: documents hashed into 4 groups (sizes equal up to noise)
+        rand = out / "random-k4"
+        if not (RunDir(rand).router / "kmeans.json").is_file():
+            _log(progress, "random equal split, k=4")
+            recs = _random_equal(_records(base, lambda r: 0), 4)
+            write_assignments(rand, recs, corpus, k=4, name="random", source="random equal split")
+            _router_from_groups(rand, embedder, corpus, recs, 4)
+        runs["random-k4"] = rand
+    if "gold" not in baselines:
         return runs
-    unbalanced = out / "unbalanced-k4"
-    if not RunDir(unbalanced).exists() or "cluster" not in RunDir(unbalanced).manifest():
-        _log(progress, "clustering k=4 (unbalanced k-means)")
-        cluster.fit(corpus, unbalanced, k=4, balanced=False, embedder=embedder, progress=progress)
-    cluster.assign(corpus, unbalanced, balanced=False, progress=progress)
-    runs["unbalanced-k4"] = unbalanced
-
-    # random equal split: documents hashed into 4 groups (sizes equal up to noise)
-    rand = out / "random-k4"
-    if not (RunDir(rand).router / "kmeans.json").is_file():
-        _log(progress, "random equal split, k=4")
-        recs = _random_equal(_records(base, lambda r: 0), 4)
-        write_assignments(rand, recs, corpus, k=4, name="random", source="random equal split")
-        _router_from_groups(rand, embedder, corpus, recs, 4)
-    runs["random-k4"] = rand
 
     # gold metadata split: one expert per `domain` label, when the corpus has labels
     labels = {d.id: d.meta.get("domain") for d in read_documents(corpus)}
@@ -135,17 +145,27 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines: bool =
     return runs
 
 
-def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, scale: int, progress: bool) -> dict:
-    """The shared seed, then every run's experts and the dense model at budget scale * T."""
-    settings = dict(seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], lr=_lr(cfg), progress=progress)
+def _settings(cfg: dict, progress: bool) -> dict:
+    return dict(seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], lr=_lr(cfg), eval_tokens=CURVE_TOKENS,
+                progress=progress)
+
+
+def train_seed(out: Path, corpus: list[str], cfg: dict, progress: bool) -> Path:
+    """The shared seed phase (resumes; a finished seed is reused); returns the seed model's directory."""
     seed_run = out / "seed"
     seed = seed_run / "experts" / "expert_000"
     _log(progress, f"seed phase: a dense {cfg['model_size']} model on {cfg['seed_tokens']:,} tokens")
     train_dense(seed_run, cfg["seed_tokens"], corpus=corpus, model_size=cfg["model_size"], vocab_size=VOCAB_SIZE,
-                **settings, **SEED_SCHEDULE)
-    settings.update(BRANCH_SCHEDULE)
+                **_settings(cfg, progress), **SEED_SCHEDULE, eval_every=_eval_every(cfg, cfg["seed_tokens"], 3))
     if not (seed / "tokenizer_config.json").is_file():
         tokens.load_tokenizer(RunDir(seed_run).tokenizer).save_pretrained(seed)  # the seed carries its tokenizer
+    return seed
+
+
+def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, scale: int, seed: Path,
+              progress: bool) -> dict:
+    """Every run's experts and the dense model at budget scale * T, branched from ``seed``."""
+    settings = {**_settings(cfg, progress), **BRANCH_SCHEDULE}
     total = cfg["total_tokens"] * scale
     trained = {}
     suffix = "" if scale == 1 else f"-x{scale}"
@@ -155,13 +175,20 @@ def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, sc
         k = RunDir(target).section("assignments")["k"]
         # tiny CPU models: experts in parallel processes of one thread each beat threads within one
         parallel = min(k, os.cpu_count() or 1) if cfg.get("parallel") else 1
-        train_experts(target, total, seed_model=seed, parallel=parallel, **settings)
+        train_experts(target, total, seed_model=seed, parallel=parallel, **settings,
+                      eval_every=_eval_every(cfg, total // k))
         trained[name + suffix] = target
     dense = out / f"dense{suffix}"
     _log(progress, f"dense{suffix}: {total:,} tokens")
-    train_dense(dense, total, corpus=corpus, seed_model=seed, **settings)
+    train_dense(dense, total, corpus=corpus, seed_model=seed, **settings, eval_every=_eval_every(cfg, total))
     trained["dense" + suffix] = dense
     return trained
+
+
+def _eval_every(cfg: dict, tokens_per_job: int, per_point: int = 1) -> int:
+    """Optimizer steps between validation losses: CURVE_POINTS * per_point points per job."""
+    steps = -(-tokens_per_job // (cfg["batch_size"] * cfg["seq_len"]))
+    return max(1, -(-steps // (CURVE_POINTS * per_point)))  # the last point is the job's final loss
 
 
 def _lr(cfg: dict) -> float:
@@ -216,7 +243,7 @@ def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
                         "reproduced": bool(k4 < v), "cbtm-k4": k4, other: v})
     if "gold" in ppl:  # compared at the number of experts closest to the number of gold labels
         g, n_gold = ppl["gold"]["all"], n_labels or 8
-        k = min(KS, key=lambda k: abs(k - n_gold))
+        k = min((k for k in KS if f"cbtm-k{k}" in ppl), key=lambda k: abs(k - n_gold))
         out.append({"claim": f"balanced tf-idf clusters (k={k}) come close to the gold metadata split "
                              f"({n_gold} labels): within 5%", "reproduced": bool(ppl[f"cbtm-k{k}"]["all"] <= 1.05 * g),
                     f"cbtm-k{k}": ppl[f"cbtm-k{k}"]["all"], "gold": g})
@@ -285,10 +312,11 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     t0 = time.perf_counter()
     out = Path(out)
     corpus = corpus_paths(corpus)
-    runs = prepare_runs(out, corpus, progress, cfg["baselines"])
+    runs = prepare_runs(out, corpus, progress, cfg["baselines"], cfg["ks"])
     trained = {}
+    seed = train_seed(out, corpus, cfg, progress)
     for scale in cfg["scales"]:
-        trained.update(train_all(out, runs, corpus, cfg, scale, progress))
+        trained.update(train_all(out, runs, corpus, cfg, scale, seed, progress))
     trained["seed"] = out / "seed"  # the seed alone: what every compared run gained over it
     order = ["dense", "seed"] + [n for n in trained if n not in ("dense", "seed")]
     _log(progress, "evaluating every run on the validation split")

@@ -94,12 +94,15 @@ class Ensemble:
         the likelihood each expert gave the tokens so far; the prior from ``fit_prior``).
     top_k: experts kept per context (None: all). Only experts with a non-zero weight run.
     devices: where experts live (round-robin); max_loaded: experts held in memory at once.
+    context: tokens per scoring window and generation context (default and at most: the experts'
+        maximum context; ``load`` uses the sequence length the run's experts were trained on).
     """
 
     def __init__(self, experts: Sequence[str | Path], tokenizer, router: Router | None = None, kind: str = "cluster",
                  top_k: int | None = None, devices: Sequence[str] = ("cpu",), max_loaded: int | None = None,
                  dtype: torch.dtype | None = None, prior: np.ndarray | None = None,
-                 batch_size: int = defaults.EVAL_BATCH, digests: Sequence[str | None] | None = None):
+                 batch_size: int = defaults.EVAL_BATCH, digests: Sequence[str | None] | None = None,
+                 context: int | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kind == "cluster" and router is None:
@@ -121,7 +124,9 @@ class Ensemble:
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if self.bos is None:
             raise ValueError("the tokenizer has neither a BOS nor an EOS token")
-        self.context = self.pool.context_length()
+        if context is not None and (int(context) != context or context < 1):
+            raise ValueError(f"context must be a positive integer, got {context!r}")
+        self.context = min(self.pool.context_length(), int(context or self.pool.context_length()))
         self.mix_device = self.pool.device(0)
         self.expert_calls = [0] * k  # rows each expert has processed (tests check sparsity with it)
 
@@ -132,7 +137,8 @@ class Ensemble:
              batch_size: int = defaults.EVAL_BATCH) -> "Ensemble":
         """The experts, tokenizer and router of a trained run directory. ``device`` is a device or a
         list of devices ("cuda" means every visible GPU). Expert paths must stay inside the run and
-        their weights match the checksums the manifest recorded."""
+        their weights match the checksums the manifest recorded. Texts are scored in windows of the
+        sequence length the experts were trained on (positions beyond it were never trained)."""
         run = RunDir.of(run)
         entries = run.expert_entries()
         if not entries:
@@ -151,8 +157,10 @@ class Ensemble:
                                  f"{full.n_experts} centres")
             router = Router(full.embedder, full.centers[clusters], temperature, None, official_distance)
         devices = resolve_devices(device)
+        trained = ((run.manifest().get("train") or {}).get("config") or {}).get("seq_len")
         return cls(paths, load_tokenizer(run.tokenizer), router, kind, top_k, devices, max_loaded, dtype,
-                   batch_size=batch_size, digests=[e.get("sha256") for e in entries])
+                   batch_size=batch_size, digests=[e.get("sha256") for e in entries],
+                   context=trained if isinstance(trained, int) and trained > 0 else None)
 
     @property
     def n_experts(self) -> int:

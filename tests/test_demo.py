@@ -49,7 +49,10 @@ def test_report_has_every_run_and_claim(demo):
     # learning curves of every job: the seed phase, the dense model and each expert
     curves = saved["learning_curves"]
     assert set(curves) == set(RUNS) | {"seed"} and set(curves["seed"]) == {"expert_000"}
-    assert len(curves["cbtm-k4"]) == 4 and all(len(pts) >= 1 for pts in curves["cbtm-k4"].values())
+    assert len(curves["cbtm-k4"]) == 4
+    # several points per job, the shortest (an expert of T/8 tokens) included: under- or over-training shows
+    assert all(len(pts) >= 3 for jobs in curves.values() for pts in jobs.values())
+    assert all([t for t, _ in pts] == sorted({t for t, _ in pts}) for jobs in curves.values() for pts in jobs.values())
     assert all(t > 0 and loss > 0 for jobs in curves.values() for pts in jobs.values() for t, loss in pts)
     assert (out / "reports" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -102,3 +105,16 @@ def test_scaling_claim_reads_the_best_k_at_each_budget():
     shrinks = table({"": (10, 9, 12, 13), "-x2": (8, 8.5, 9, 9.5), "-x4": (6, 6.6, 6.5, 6.8)})
     assert claims(shrinks, (1, 2, 4))[-1]["reproduced"] is False
     assert not any("random" in c["claim"] or "gold" in c["claim"] for c in claims(grows, (1, 2, 4)))
+
+
+def test_budgets_are_compute_matched_and_name_known_runs(tmp_path):
+    from cbtm.demo import BASELINES, KS, prepare_runs
+
+    for name, cfg in BUDGETS.items():
+        assert set(cfg["baselines"]) <= set(BASELINES) and set(cfg["ks"]) <= set(KS), name
+        assert cfg["seed_tokens"] > 0 and cfg["total_tokens"] > 0
+    # the small budget answers every claim of the issue: k=4 and k=8, the random split, the seed row
+    small = BUDGETS["small"]
+    assert {4, 8} <= set(small["ks"]) and "random" in small["baselines"]
+    with pytest.raises(ValueError, match="unknown baselines"):
+        prepare_runs(tmp_path / "out", [str(default_corpus_path())], False, baselines=("bogus",))

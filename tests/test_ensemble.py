@@ -64,7 +64,7 @@ def texts():
     return [d.text[:160] for d in docs[:4]] + ["x"]  # one text shorter than a window, one of a single token
 
 
-def _reference(run, texts, top_k, kind="cluster", prior=None):
+def _reference(run, texts, top_k, kind="cluster", prior=None, window=None):
     """Per-token log-probs the slow way: full-sequence forwards of every expert (no windows beyond
     the context, which the texts fit in after splitting the same way), routing by re-embedding
     every prefix with transform()."""
@@ -73,7 +73,7 @@ def _reference(run, texts, top_k, kind="cluster", prior=None):
     tok = AutoTokenizer.from_pretrained(run / "tokenizer")
     router = Router.load(run, temperature=0.1, top_k=top_k)
     models = [AutoModelForCausalLM.from_pretrained(run / f"experts/expert_{j:03d}").eval() for j in range(K)]
-    L = models[0].config.n_positions
+    L = window or models[0].config.n_positions
     out = []
     for text in texts:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -134,6 +134,22 @@ def test_score_equals_dense_reference(run, texts, top_k, chunk):
     n = sum(len(w) for w in want)
     assert ppl["tokens"] == n
     assert math.isclose(ppl["perplexity"], math.exp(-sum(w.sum() for w in want) / n), rel_tol=1e-4)
+
+
+def test_scores_in_windows_of_the_trained_sequence_length(run, texts, tmp_path):
+    """Experts trained on 20-token sequences (the manifest's train config) are scored in 20-token
+    windows, not their 48-position maximum: no token is scored at a position never trained."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    RunDir(copy).update(train={"total_tokens": 100, "k": K, "config": {"seq_len": 20}})
+    ens = Ensemble.load(copy, top_k=2)
+    assert ens.context == 20 and Ensemble.load(run, top_k=2).context == 48
+    for g, w in zip(ens.score(texts), _reference(copy, texts, 2, window=20)):
+        assert np.allclose(g.numpy(), w, atol=2e-4)
+    with pytest.raises(ValueError, match="context"):
+        Ensemble(ens.pool.paths, ens.tokenizer, ens.router, context=0)
 
 
 def test_only_routed_experts_run(run, texts):
