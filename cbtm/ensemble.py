@@ -126,7 +126,8 @@ class Ensemble:
             raise ValueError("the tokenizer has neither a BOS nor an EOS token")
         if context is not None and (int(context) != context or context < 1):
             raise ValueError(f"context must be a positive integer, got {context!r}")
-        self.context = min(self.pool.context_length(), int(context or self.pool.context_length()))
+        longest = self.pool.context_length()  # reads every expert's config
+        self.context = min(longest, int(context)) if context is not None else longest
         self.mix_device = self.pool.device(0)
         self.expert_calls = [0] * k  # rows each expert has processed (tests check sparsity with it)
 
