@@ -317,7 +317,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     seed = train_seed(out, corpus, cfg, progress)
     for scale in cfg["scales"]:
         trained.update(train_all(out, runs, corpus, cfg, scale, seed, progress))
-    trained["seed"] = out / "seed"  # the seed alone: what every compared run gained over it
+    trained["seed"] = seed.parents[1]  # the seed's run alone: what every compared run gained over it
     order = ["dense", "seed"] + [n for n in trained if n not in ("dense", "seed")]
     _log(progress, "evaluating every run on the validation split")
     ev = evaluate.evaluate({n: trained[n] for n in order}, out, max_docs=cfg["eval_docs"], progress=False)

@@ -62,15 +62,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
+def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None) -> int:
+    """Validate the shapes of h (N, d), weight (V, d), targets (N,); the rows per chunk to use."""
+    if h.ndim != 2 or weight.ndim != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
+        raise ValueError(f"shapes: h (N, d), weight (V, d), targets (N,); got {tuple(h.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    return chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy of the logits ``h @ weight.T`` (never materialised).
     h: (N, d), weight: (V, d), targets: (N,) with -100 for positions without a target; a scalar in
     float32 (float64 for float64 inputs)."""
-    if h.ndim != 2 or weight.ndim != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
-        raise ValueError(f"shapes: h (N, d), weight (V, d), targets (N,); got {tuple(h.shape)}, "
-                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
-    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = _check(h, weight, targets, chunk)
     return _LinearCrossEntropy.apply(h, weight, targets.long(), int(chunk))
 
 
@@ -79,10 +84,7 @@ def linear_target_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch
                            chunk: int | None = None) -> torch.Tensor:
     """``log_softmax(h @ weight.T)[i, targets[i]]`` per row without holding the (N, V) logits (scoring).
     h: (N, d), weight: (V, d), targets: (N,) -> (N,) float32 (float64 for float64 inputs)."""
-    if h.ndim != 2 or weight.ndim != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
-        raise ValueError(f"shapes: h (N, d), weight (V, d), targets (N,); got {tuple(h.shape)}, "
-                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
-    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = _check(h, weight, targets, chunk)
     acc = torch.promote_types(h.dtype, torch.float32)
     out = torch.empty(h.shape[0], dtype=acc, device=h.device)
     w = weight.to(h.dtype)
