@@ -54,6 +54,12 @@ def _run_arg(p, help_text: str) -> None:
 # cluster
 
 
+def _routing_arg(p) -> None:
+    p.add_argument("--routing", choices=("auto", "prefix", "distance"), default=defaults.ROUTING,
+                   help="router weights: the run's prefix router, the paper's distance softmax(-d^2 / T), or auto "
+                   "(prefix when the run has one; the default)")
+
+
 def _cluster_fit(a):
     from . import cluster
 
@@ -65,9 +71,18 @@ def _cluster_fit(a):
 def _cluster_assign(a):
     from . import cluster
 
+    from .router import fit_prefix_router
+
     cluster.assign(a.corpus or None, a.run, balanced=not a.nearest, backend=a.backend, workers=a.workers,
                    ray_address=a.ray_address, write_docs=a.write_docs, label_field=a.label_field)
     cluster.report(a.run, label_field=a.label_field)
+    fit_prefix_router(a.run, progress=True)
+
+
+def _cluster_fit_prefix(a):
+    from .router import fit_prefix_router
+
+    fit_prefix_router(a.run, max_documents=a.max_documents, cuts=a.cuts, seed=a.seed, progress=True)
 
 
 def _cluster_report(a):
@@ -109,6 +124,16 @@ def _add_cluster(sub) -> None:
     s.add_argument("--write-docs", action="store_true", help="also write the documents split per cluster")
     s.add_argument("--label-field", default=None, help="metadata field with gold labels (report purity / NMI)")
     s.set_defaults(fn=_cluster_assign)
+
+    p = csub.add_parser("fit-prefix", help="fit the run's prefix router on its assignments (`assign` does this "
+                        "too; for assignments written otherwise)")
+    _run_arg(p, "run directory with assignments")
+    p.add_argument("--max-documents", type=positive_int, default=defaults.PREFIX_DOCUMENTS,
+                   help=f"training documents sampled (default {defaults.PREFIX_DOCUMENTS:,})")
+    p.add_argument("--cuts", type=positive_int, default=defaults.PREFIX_CUTS,
+                   help=f"prefixes of log-uniform length per document (default {defaults.PREFIX_CUTS})")
+    p.add_argument("--seed", type=int, default=defaults.SPLIT_SEED)
+    p.set_defaults(fn=_cluster_fit_prefix)
 
     r = csub.add_parser("report", help="print the cluster report of a run")
     _run_arg(r, "run directory")
@@ -337,7 +362,7 @@ def _eval(a):
     runs = evaluate.parse_runs(a.runs)
     evaluate.evaluate(runs, a.out or next(iter(runs.values())), top_ks=a.top_k.split(","), max_docs=a.max_docs,
                       temperature=a.temperature, device=a.device, fewshot=a.fewshot, shots=a.shots, route=a.route,
-                      fewshot_limit=a.fewshot_limit)
+                      fewshot_limit=a.fewshot_limit, routing=a.routing)
 
 
 def _demo(a):
@@ -354,6 +379,7 @@ def _add_eval_demo(sub) -> None:
     e.add_argument("--max-docs", type=positive_int, default=None, help="evaluate on the first N validation documents")
     e.add_argument("--temperature", type=float, default=defaults.TEMPERATURE,
                    help=f"router temperature T (default {defaults.TEMPERATURE})")
+    _routing_arg(e)
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default=None, help="run directory whose reports/ receives eval.* (default: the first)")
     f = e.add_argument_group("few-shot classification")

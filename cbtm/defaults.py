@@ -1,6 +1,10 @@
 """Named defaults, one place for every stage (the CLI's defaults are these too)."""
 
 TEMPERATURE = 0.1          # router T of softmax(-d^2 / T), the paper's default
+ROUTING = "auto"           # router weights: "prefix" (the run's prefix classifier), "distance", or
+                           # "auto" = prefix when the run has one
+PREFIX_DOCUMENTS = 20_000  # training documents sampled to fit a prefix router ...
+PREFIX_CUTS = 16           # ... and prefixes (log-uniform lengths) taken of each
 TOP_K = 2                  # experts kept per context by an ensemble
 TOP_KS = ("1", "2", "4", "all")  # top-k values evaluated
 VALID_FRACTION = 0.05      # documents hashed into the validation split

@@ -22,6 +22,7 @@ from . import cluster, evaluate, models, tokens
 from .assignments import corpus_paths, read_assignments, write_assignments
 from .corpus import read_documents
 from .kmeans import BalancedKMeans
+from .router import Router, fit_prefix_router
 from .rundir import RunDir, atomic_write_json, atomic_write_text
 from .training import train_dense, train_experts
 
@@ -82,6 +83,14 @@ def _router_from_groups(run: Path, embedder, corpus, records: list[dict], k: int
     km.save(RunDir(run).router)
 
 
+def _prefix_router(run: Path, progress: bool) -> None:
+    """Fit the run's prefix router unless it has one fitted on its current assignments."""
+    try:
+        Router.load(run, "prefix")
+    except (FileNotFoundError, ValueError):
+        fit_prefix_router(run, progress=progress)
+
+
 def _random_equal(records: list[dict], k: int) -> list[dict]:
     """Documents in a seeded random order dealt round-robin into k groups: equal sizes (+-1)."""
     def key(r):
@@ -113,12 +122,14 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELIN
             _log(progress, f"clustering k={k} (balanced)")
             cluster.fit(corpus, run, k=k, embedder=embedder, progress=progress)
         cluster.assign(corpus, run, label_field="domain", progress=progress)
+        _prefix_router(run, progress)
     if "unbalanced" in baselines:
         unbalanced = out / "unbalanced-k4"
         if not RunDir(unbalanced).exists() or "cluster" not in RunDir(unbalanced).manifest():
             _log(progress, "clustering k=4 (unbalanced k-means)")
             cluster.fit(corpus, unbalanced, k=4, balanced=False, embedder=embedder, progress=progress)
         cluster.assign(corpus, unbalanced, balanced=False, progress=progress)
+        _prefix_router(unbalanced, progress)
         runs["unbalanced-k4"] = unbalanced
     if "random" in baselines:  # random equal split: documents hashed into 4 groups (sizes equal up to noise)
         rand = out / "random-k4"
@@ -127,6 +138,7 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELIN
             recs = _random_equal(_records(base, lambda r: 0), 4)
             write_assignments(rand, recs, corpus, k=4, name="random", source="random equal split")
             _router_from_groups(rand, embedder, corpus, recs, 4)
+        _prefix_router(rand, progress)
         runs["random-k4"] = rand
     if "gold" not in baselines:
         return runs
@@ -141,6 +153,7 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELIN
             recs = _records(base, lambda r: names.index(labels[r["id"]]))
             write_assignments(gold, recs, corpus, k=len(names), name="gold", source="gold domain labels")
             _router_from_groups(gold, embedder, corpus, recs, len(names))
+        _prefix_router(gold, progress)
         runs["gold"] = gold
     return runs
 
@@ -295,6 +308,13 @@ def _markdown(report: dict) -> str:
              "| --- |" + " ---: |" * len(cols)]
     for name, p in report["perplexity"].items():
         lines.append(f"| {name} | " + " | ".join(f"{p[c]:.2f}" if c in p else "" for c in cols) + " |")
+    if report.get("distance_router"):
+        lines += ["", "Routed runs use their prefix router (a classifier of the cluster from the context so far, "
+                  "fitted on training documents); the same experts with the paper's distance router "
+                  "softmax(-d^2 / T):", "", "| run | " + " | ".join(f"top-{c}" if c != "all" else "all experts"
+                                                                     for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
+        for name, p in report["distance_router"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{p[c]:.2f}" if c in p else "" for c in cols) + " |")
     lines += ["", "| claim | reproduced | figures |", "| --- | --- | --- |"]
     for c in report["claims"]:
         figs = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()
@@ -331,6 +351,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
               "scales": list(cfg["scales"]),
               "seed_share": cfg["seed_tokens"] / (cfg["seed_tokens"] + cfg["total_tokens"]),
               "corpus": corpus, "perplexity": ev["perplexity"],
+              "distance_router": {n: r["distance_router"] for n, r in ev["runs"].items() if "distance_router" in r},
               "eval": {k: ev[k] for k in ("documents", "tokens", "temperature")},
               "claims": claims(ev["perplexity"], cfg["scales"], _n_experts(trained.get("gold"))),
               "runs": {n: str(p) for n, p in trained.items()}, "learning_curves": curves,

@@ -89,7 +89,8 @@ class ExpertPool:
 class Ensemble:
     """A C-BTM / BTM ensemble of causal LMs sharing one tokenizer.
 
-    kind: "cluster" (router weights from the context's distance to the cluster centres),
+    kind: "cluster" (the router's weights of the context: distance to the cluster centres, or the
+        run's prefix classifier),
         "uniform" (every expert 1/k), or "posterior" (BTM: weights proportional to a prior times
         the likelihood each expert gave the tokens so far; the prior from ``fit_prior``).
     top_k: experts kept per context (None: all). Only experts with a non-zero weight run.
@@ -116,7 +117,7 @@ class Ensemble:
         self.tokenizer, self.kind = tokenizer, kind
         self.top_k = None if top_k is None or top_k >= k else int(top_k)
         if router is not None:  # a copy: the caller's router keeps its own top_k
-            router = Router(router.embedder, router.centers, router.temperature, self.top_k, router.official_distance)
+            router = router.subset(range(k), self.top_k)
         self.router = router
         self.prior = np.full(k, 1.0 / k) if prior is None else np.asarray(prior, np.float64)
         self.batch_size = int(batch_size)
@@ -135,8 +136,9 @@ class Ensemble:
     def load(cls, run: str | Path, top_k: int | None = defaults.TOP_K, temperature: float = defaults.TEMPERATURE,
              kind: str = "cluster", device: str | Sequence[str] = "cpu", max_loaded: int | None = None,
              official_distance: bool = False, dtype: torch.dtype | None = None,
-             batch_size: int = defaults.EVAL_BATCH) -> "Ensemble":
-        """The experts, tokenizer and router of a trained run directory. ``device`` is a device or a
+             batch_size: int = defaults.EVAL_BATCH, routing: str = defaults.ROUTING) -> "Ensemble":
+        """The experts, tokenizer and router of a trained run directory (``routing``: see
+        :class:`~cbtm.router.Router`; "auto" uses the run's prefix router when it has one). ``device`` is a device or a
         list of devices ("cuda" means every visible GPU). Expert paths must stay inside the run and
         their weights match the checksums the manifest recorded. Texts are scored in windows of the
         sequence length the experts were trained on (positions beyond it were never trained)."""
@@ -150,13 +152,13 @@ class Ensemble:
         paths = [run.resolve(e["path"]) for e in entries]
         router = None
         if kind == "cluster":
-            full = Router.load(run.path, temperature=temperature, official_distance=official_distance)
+            full = Router.load(run.path, routing, temperature=temperature, official_distance=official_distance)
             clusters = [int(e.get("cluster", e["id"])) for e in entries]
             bad = [c for c in clusters if not 0 <= c < full.n_experts]
             if bad:
                 raise ValueError(f"{run.manifest_path}: experts name clusters {bad} but the router has "
                                  f"{full.n_experts} centres")
-            router = Router(full.embedder, full.centers[clusters], temperature, None, official_distance)
+            router = full.subset(clusters)
         devices = resolve_devices(device)
         trained = ((run.manifest().get("train") or {}).get("config") or {}).get("seq_len")
         return cls(paths, load_tokenizer(run.tokenizer), router, kind, top_k, devices, max_loaded, dtype,

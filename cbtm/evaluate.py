@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from . import defaults
 from .assignments import check_held_out, validation_documents
 from .ensemble import Ensemble, mix
+from .router import Router
 from .fewshot import SHOTS, evaluate_fewshot, read_task
 from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text, read_json
 
@@ -30,36 +31,51 @@ def _parse_top_ks(top_ks) -> list[str]:
 
 
 def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperature: float = defaults.TEMPERATURE,
-                 device: str = "cpu", batch_size: int = defaults.EVAL_BATCH) -> dict:
-    """Perplexity of one run on texts for every top-k (a one-expert run: only "all").
+                 device: str = "cpu", batch_size: int = defaults.EVAL_BATCH, routing: str = defaults.ROUTING) -> dict:
+    """Perplexity of one run on texts for every top-k (a one-expert run: only "all"); a run routed by
+    its prefix router also gets the paper's distance router's perplexities (``distance_router``).
 
     Every expert scores every token once; each top-k mixture is then formed from those
     log-probs with the router's weights, which equals what the sparse ensemble computes."""
     run = RunDir.of(run)
     routed = len(run.expert_entries()) > 1 and (run.router / "kmeans.json").is_file()
     ens = Ensemble.load(run, top_k=None, temperature=temperature, kind="cluster" if routed else "uniform",
-                        device=device, batch_size=batch_size)
+                        device=device, batch_size=batch_size, routing=routing)
     scored = ens.expert_logprobs(texts)
+    result = {"experts": ens.n_experts, "tokens": sum(lp.shape[1] for lp, _ in scored),
+              "routing": ens.router.routing if routed else None,
+              "perplexity": _perplexities(run, scored, [w for _, w in scored], top_ks)}
+    if routed and ens.router.routing == "prefix":
+        r = ens.router
+        distance = Router(r.embedder, r.centers, r.temperature, None, r.official_distance)
+        weights = distance.token_weights(texts, [ens._encode(t)[1] for t in texts])
+        result["distance_router"] = _perplexities(run, scored, weights, top_ks)
+    return result
+
+
+def _perplexities(run: RunDir, scored: list, weights: list, top_ks) -> dict:
+    """top-k -> perplexity of the mixtures of per-text expert log-probs (K, n) with weights (n, K)."""
+    n_experts = scored[0][0].shape[0] if scored else 1
     n_tok = sum(lp.shape[1] for lp, _ in scored)
-    result = {"experts": ens.n_experts, "tokens": n_tok, "perplexity": {}}
+    out = {}
     for t in _parse_top_ks(top_ks):
-        if ens.n_experts == 1 and t != "all":
+        if n_experts == 1 and t != "all":
             continue
         top_k = None if t == "all" else int(t)
-        if top_k is not None and top_k >= ens.n_experts and t != str(ens.n_experts):
+        if top_k is not None and top_k >= n_experts and t != str(n_experts):
             continue  # e.g. top-4 of 2 experts is the same as all
-        nll = -sum(float(mix(lp, w, top_k).sum()) for lp, w in scored) / n_tok
+        nll = -sum(float(mix(lp, w, top_k).sum()) for (lp, _), w in zip(scored, weights)) / n_tok
         if not math.isfinite(nll):
             raise ValueError(f"{run.path}: the log-likelihood at top-{t} is {nll}: an expert produced "
                              "non-finite outputs (damaged weights?)")
-        result["perplexity"][t] = math.exp(nll)
-    return result
+        out[t] = math.exp(nll)
+    return out
 
 
 def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = None,
              temperature: float = defaults.TEMPERATURE, device: str = "cpu", progress: bool = True,
              fewshot: str | Path | None = None, shots: int = SHOTS, route: str = "prompt",
-             fewshot_limit: int | None = None) -> dict:
+             fewshot_limit: int | None = None, routing: str = defaults.ROUTING) -> dict:
     """Evaluate named runs (name -> run directory) on the validation documents of the first run's
     assignment records (checked to be validation documents of every run too); with ``fewshot`` (a
     task file, see ``cbtm.fewshot``) also their few-shot accuracy; write ``out/reports/eval.{json,md,png}``
@@ -80,13 +96,14 @@ def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = 
             check_held_out(path, task_ids)
     results = {}
     for name, path in tqdm(list(runs.items()), desc="evaluating", unit="run", disable=not progress):
-        results[name] = evaluate_run(path, texts, top_ks, temperature, device)
+        results[name] = evaluate_run(path, texts, top_ks, temperature, device, routing=routing)
     report = {"documents": len(texts), "tokens": next(iter(results.values()))["tokens"], "temperature": temperature,
               "top_k": _parse_top_ks(top_ks), "runs": {n: {"path": str(p), **results[n]} for n, p in runs.items()},
               "perplexity": {n: r["perplexity"] for n, r in results.items()},
               "seconds": round(time.perf_counter() - t0, 1)}
     if fewshot is not None:
-        acc = {n: evaluate_fewshot(p, fewshot, shots, route, report["top_k"], temperature, device, fewshot_limit)
+        acc = {n: evaluate_fewshot(p, fewshot, shots, route, report["top_k"], temperature, device, fewshot_limit,
+                                   routing)
                for n, p in tqdm(list(runs.items()), desc="few-shot", unit="run", disable=not progress)}
         report["fewshot"] = {"task": str(fewshot), "shots": shots, "route": route,
                              "examples": next(iter(acc.values()))["examples"],
@@ -106,6 +123,11 @@ def eval_markdown(report: dict) -> str:
     lines = [f"Validation perplexity ({report['documents']} documents, {report['tokens']:,} tokens; "
              f"router temperature {report['temperature']})", ""]
     lines += _table(report, {n: r["perplexity"] for n, r in report["runs"].items()}, "{:.2f}")
+    paper = {n: r["distance_router"] for n, r in report["runs"].items() if "distance_router" in r}
+    if paper:
+        lines += ["", "Routed runs use their prefix router; the paper's distance router (softmax(-d^2 / T)) on the "
+                  "same experts:", ""]
+        lines += _table(report, paper, "{:.2f}")
     if "fewshot" in report:
         fs = report["fewshot"]
         routing = "routed once on the prompt" if fs["route"] == "prompt" else "routed per token"
@@ -121,6 +143,8 @@ def _table(report: dict, values: dict, fmt: str) -> list[str]:
     lines = ["| run | experts | " + " | ".join(f"top-{c}" if c != "all" else "all" for c in cols) + " |",
              "| --- | ---: |" + " ---: |" * len(cols)]
     for name, r in report["runs"].items():
+        if name not in values:
+            continue
         cells = [fmt.format(values[name][c]) if c in values[name] else "" for c in cols]
         lines.append(f"| {name} | {r['experts']} | " + " | ".join(cells) + " |")
     return lines

@@ -100,10 +100,13 @@ def export(run, path, top_k: int | None = defaults.TOP_K, temperature: float = d
 
     run = RunDir.of(run)
     entries = trained_entries(run)
+    prefix = (run.router / "prefix.json").is_file()
+    weights = ("softmax(coef @ e + intercept) of router/prefix.safetensors, top-k renormalised" if prefix
+               else "softmax(-||e - c_j||^2 / T), top-k renormalised")
     spec = {"format": "cbtm.ensemble/1", "cbtm": __version__, "run": str(run.path.resolve()),
             "tokenizer": str(run.tokenizer.resolve()), "router": str(run.router.resolve()),
-            "routing": {"kind": "cluster", "top_k": top_k, "temperature": temperature,
-                        "weights": "softmax(-||e - c_j||^2 / T), top-k renormalised"},
+            "routing": {"kind": "cluster", "router": "prefix" if prefix else "distance", "top_k": top_k,
+                        "temperature": temperature, "weights": weights},
             "experts": [{"id": e["id"], "cluster": int(e.get("cluster", e["id"])),
                          "path": str(run.resolve(e["path"]))} for e in entries]}
     return atomic_write_json(path, spec)

@@ -107,7 +107,7 @@ def prompts(examples: Sequence[dict], shots: int, seed: int = 0) -> list[str]:
 
 def evaluate_fewshot(run: str | Path, task: str | Path, shots: int = SHOTS, route: str = "prompt",
                      top_ks: Sequence[str] = defaults.TOP_KS, temperature: float = defaults.TEMPERATURE,
-                     device: str = "cpu", limit: int | None = None) -> dict:
+                     device: str = "cpu", limit: int | None = None, routing: str = defaults.ROUTING) -> dict:
     """Accuracy of a run on a task at every top-k (a one-expert run: only "all"):
     ``{"examples", "accuracy": {top_k: acc}, "predictions": {top_k: [label per example]}}``.
 
@@ -121,7 +121,7 @@ def evaluate_fewshot(run: str | Path, task: str | Path, shots: int = SHOTS, rout
     run = RunDir.of(run)
     routed = len(run.expert_entries()) > 1 and (run.router / "kmeans.json").is_file()
     ens = Ensemble.load(run, top_k=None, temperature=temperature, kind="cluster" if routed else "uniform",
-                        device=device)
+                        device=device, routing=routing)
     keys = ["all"] if ens.n_experts == 1 else [str(t) for t in top_ks if str(t) == "all" or int(t) <= ens.n_experts]
     predicted: dict[str, list[str]] = {k: [] for k in keys}
     for prompt, ex in zip(texts, examples):

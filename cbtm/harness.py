@@ -27,10 +27,12 @@ from .hf_model import EnsembleForCausalLM
 @register_model("cbtm")
 class CbtmLM(LM):
     """model_args: ``run`` (a trained run directory), ``top_k`` (an integer or ``all``),
-    ``temperature`` (the router's T), ``kind`` (cluster / uniform), ``device``, ``batch_size``."""
+    ``temperature`` (the router's T), ``kind`` (cluster / uniform), ``routing`` (auto / prefix /
+    distance), ``device``, ``batch_size``."""
 
     def __init__(self, run: str, top_k: int | str = defaults.TOP_K, temperature: float = defaults.TEMPERATURE,
-                 kind: str = "cluster", device: str | None = None, batch_size: int | str | None = 8, **_harness):
+                 kind: str = "cluster", device: str | None = None, batch_size: int | str | None = 8,
+                 routing: str = defaults.ROUTING, **_harness):
         super().__init__()
         top_k = None if str(top_k).lower() == "all" else int(top_k)
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
@@ -38,7 +40,7 @@ class CbtmLM(LM):
                 logging.getLogger(__name__).warning("%s requested but no CUDA device is available: using cpu", device)
             device = "cpu"
         self.model = EnsembleForCausalLM.from_run(run, top_k=top_k, temperature=float(temperature), kind=kind,
-                                                  device=device)
+                                                  device=device, routing=routing)
         self.ensemble, self.tokenizer = self.model.ensemble, self.model.tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" is not searched for
 

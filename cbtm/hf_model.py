@@ -37,8 +37,10 @@ class EnsembleConfig(PretrainedConfig):
     model_type = "cbtm-ensemble"
 
     def __init__(self, run: str | None = None, router_top_k: int | None = defaults.TOP_K,
-                 router_temperature: float = defaults.TEMPERATURE, kind: str = "cluster", vocab_size: int = 0, **kw):
+                 router_temperature: float = defaults.TEMPERATURE, kind: str = "cluster", vocab_size: int = 0,
+                 routing: str = defaults.ROUTING, **kw):
         self.run, self.router_top_k, self.router_temperature = run, router_top_k, router_temperature
+        self.routing = routing
         self.kind, self.vocab_size = kind, vocab_size
         super().__init__(**kw)
 
@@ -112,7 +114,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         tok = ens.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         config = EnsembleConfig(run=str(run), router_top_k=top_k, router_temperature=temperature, kind=kind,
-                                vocab_size=len(tok), bos_token_id=ens.bos, eos_token_id=tok.eos_token_id,
+                                routing=ens.router.routing if ens.router is not None else "none", vocab_size=len(tok), bos_token_id=ens.bos, eos_token_id=tok.eos_token_id,
                                 pad_token_id=pad)
         model = cls(config, ens)
         model.generation_config.update(bos_token_id=ens.bos, eos_token_id=tok.eos_token_id, pad_token_id=pad)

@@ -1,19 +1,36 @@
-"""The C-BTM router: weights over the k experts from the distance between a context's embedding
-and each cluster centre, ``w = softmax(-d^2 / T)``, top-k renormalised, per document or per token
-position (via the exact prefix embeddings)."""
+"""The C-BTM router: weights over the k experts from a context's tf-idf/SVD embedding, top-k
+renormalised, per document or per token position (via the exact prefix embeddings).
+
+Two ways to weight, over the same embedding:
+- ``distance`` (the paper's): ``w = softmax(-d^2 / T)`` of the distances to the cluster centres.
+  The centres are means of *whole* documents, so on a short context (a few words) the nearest centre
+  is often not the document's cluster.
+- ``prefix``: ``w = softmax(A e + b)``, a multinomial logistic regression fitted on prefixes of every
+  length of the run's training documents, labelled with their document's cluster
+  (:func:`fit_prefix_router`, run by ``cbtm cluster assign``): the probability of each cluster given
+  the context so far, calibrated for short contexts too. Stored as ``router/prefix.{safetensors,json}``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from . import defaults
-from .assignments import iter_documents
+from .assignments import iter_documents, read_records
 from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
-from .rundir import RunDir
+from .rundir import RunDir, atomic_save_safetensors, atomic_write_json, read_json
+
+ROUTINGS = ("auto", "prefix", "distance")
+_SPACE = re.compile(r"\s+")
+_ABSENT = -1e4  # the log-odds of a cluster the prefix router saw no document of
+_PREFIX_FORMAT = "cbtm.prefix-router/1"
 
 
 def keep_top_k(w: np.ndarray, top_k: int | None) -> np.ndarray:
@@ -27,16 +44,19 @@ def keep_top_k(w: np.ndarray, top_k: int | None) -> np.ndarray:
 
 
 class Router:
-    """Expert weights from cluster distances.
+    """Expert weights from cluster distances, or from a prefix classifier.
 
-    temperature: T of ``softmax(-d^2 / T)`` (paper default 0.1).
+    temperature: T of ``softmax(-d^2 / T)`` (paper default 0.1; distance routing only).
     top_k: keep the k largest weights per context and renormalise (None or >= K: all experts).
     official_distance: use ``d^4 / T`` as the official C-BTM code does (it squares the squared
         distance); the default is the paper's formula.
+    classifier: ``(coef (K, D), intercept (K,))`` of a prefix router; when given, the weights are
+        ``softmax(emb @ coef.T + intercept)`` and the centres only name the clusters.
     """
 
     def __init__(self, embedder: TfidfEmbedder, centers: np.ndarray, temperature: float = defaults.TEMPERATURE,
-                 top_k: int | None = None, official_distance: bool = False):
+                 top_k: int | None = None, official_distance: bool = False,
+                 classifier: tuple[np.ndarray, np.ndarray] | None = None):
         centers = np.asarray(centers, np.float32)
         if centers.ndim != 2 or centers.shape[1] != embedder.n_components:
             raise ValueError(f"centers must be (K, {embedder.n_components}), got {centers.shape}")
@@ -44,27 +64,56 @@ class Router:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 (or None for all experts), got {top_k}")
-        self.embedder, self.centers = embedder, centers
+        if classifier is not None:
+            coef, bias = (np.asarray(a, np.float64) for a in classifier)
+            if coef.shape != centers.shape or bias.shape != (centers.shape[0],):
+                raise ValueError(f"the prefix classifier must be ({centers.shape}, ({centers.shape[0]},)), "
+                                 f"got ({coef.shape}, {bias.shape})")
+            classifier = (coef, bias)
+        self.embedder, self.centers, self.classifier = embedder, centers, classifier
         self.temperature, self.top_k, self.official_distance = float(temperature), top_k, bool(official_distance)
 
     @classmethod
-    def load(cls, run: str | Path, **kw) -> "Router":
-        """The router of a run directory (``router/embedder.*`` and ``router/kmeans.*``)."""
-        router = RunDir.of(run).router
-        if not (router / "kmeans.json").is_file():
-            raise FileNotFoundError(f"{router} holds no fitted router: run `cbtm cluster fit` first")
-        return cls(TfidfEmbedder.load(router), BalancedKMeans.load(router).cluster_centers_, **kw)
+    def load(cls, run: str | Path, routing: str = defaults.ROUTING, **kw) -> "Router":
+        """The router of a run directory (``router/embedder.*``, ``router/kmeans.*`` and, for
+        ``routing`` "prefix" -- or "auto" when the run has one -- ``router/prefix.*``)."""
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        run = RunDir.of(run)
+        if not (run.router / "kmeans.json").is_file():
+            raise FileNotFoundError(f"{run.router} holds no fitted router: run `cbtm cluster fit` first")
+        centers = BalancedKMeans.load(run.router).cluster_centers_
+        classifier = None
+        if routing == "prefix" or (routing == "auto" and (run.router / "prefix.json").is_file()):
+            classifier = _load_classifier(run, centers.shape)
+        return cls(TfidfEmbedder.load(run.router), centers, classifier=classifier, **kw)
 
     @property
     def n_experts(self) -> int:
         return self.centers.shape[0]
 
+    @property
+    def routing(self) -> str:
+        """"prefix" or "distance": how this router weights."""
+        return "distance" if self.classifier is None else "prefix"
+
+    def subset(self, clusters: Sequence[int], top_k: int | None = None) -> "Router":
+        """A router over the given clusters only (in that order), keeping ``top_k`` of them."""
+        clusters = list(clusters)
+        classifier = None if self.classifier is None else tuple(a[clusters] for a in self.classifier)
+        return Router(self.embedder, self.centers[clusters], self.temperature, top_k, self.official_distance,
+                      classifier)
+
     def weights(self, emb: np.ndarray) -> np.ndarray:
         """Expert weights of embeddings: (N, D) -> float32 (N, K), rows sum to 1, at most top_k
         non-zero."""
         emb = np.asarray(emb, np.float64)
-        d2 = ((emb[:, None, :] - self.centers[None].astype(np.float64)) ** 2).sum(-1)  # (N, K)
-        score = -(d2 ** 2 if self.official_distance else d2) / self.temperature
+        if self.classifier is not None:
+            coef, bias = self.classifier
+            score = emb @ coef.T + bias  # (N, K) log-odds of each cluster
+        else:
+            d2 = ((emb[:, None, :] - self.centers[None].astype(np.float64)) ** 2).sum(-1)  # (N, K)
+            score = -(d2 ** 2 if self.official_distance else d2) / self.temperature
         w = np.exp(score - score.max(1, keepdims=True))
         return keep_top_k(w, self.top_k).astype(np.float32)
 
@@ -98,5 +147,96 @@ def mixture_weights(run, cluster: int, sources: Sequence[int], temperature: floa
             break
     if not texts:
         raise ValueError(f"cluster {cluster} has no training documents to weight the mixture with")
-    sub = Router(router.embedder, router.centers[centres], temperature)
-    return sub.document_weights(texts).astype(np.float64).mean(0).tolist()
+    return router.subset(centres).document_weights(texts).astype(np.float64).mean(0).tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# the prefix router
+
+
+def _prefix_fingerprint(run: RunDir) -> str:
+    """What a prefix router was fitted on: the embedder's weights and the run's assignments."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update((run.router / "embedder.safetensors").read_bytes())
+    a = run.section("assignments")
+    h.update(json.dumps([a.get("k"), a.get("documents"), a.get("train_sizes"), a.get("shard_keys")]).encode())
+    return h.hexdigest()
+
+
+def _load_classifier(run: RunDir, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    meta_path, weights = run.router / "prefix.json", run.router / "prefix.safetensors"
+    for p in (meta_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: fit the prefix router with `cbtm cluster fit-prefix --run {run.path}`")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != _PREFIX_FORMAT:
+        raise ValueError(f"{meta_path}: not a {_PREFIX_FORMAT} file")
+    if meta.get("fingerprint") != _prefix_fingerprint(run):
+        raise ValueError(f"{meta_path} was fitted on another embedder or assignment of {run.path}: refit it with "
+                         f"`cbtm cluster fit-prefix --run {run.path}`")
+    t = load_file(str(weights))
+    coef, bias = t.get("coef"), t.get("intercept")
+    if coef is None or bias is None or coef.shape != tuple(shape) or bias.shape != (shape[0],):
+        raise ValueError(f"{weights}: expected coef {tuple(shape)} and intercept ({shape[0]},)")
+    if not (np.isfinite(coef).all() and np.isfinite(bias).all()):
+        raise ValueError(f"{weights}: non-finite weights")
+    return coef, bias
+
+
+def _cuts(text: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``n`` distinct contexts of ``text`` as character offsets: word starts (where an LM token
+    usually starts too), the word index log-uniform so that short contexts are as common as long ones."""
+    starts = np.array([0] + [m.end() for m in _SPACE.finditer(text)], np.int64)
+    starts = np.unique(np.minimum(starts, len(text)))
+    pick = np.expm1(rng.uniform(0, np.log1p(len(starts)), n)).astype(np.int64)
+    return starts[np.unique(np.minimum(pick, len(starts) - 1))]
+
+
+def fit_prefix_router(run: str | Path, max_documents: int = defaults.PREFIX_DOCUMENTS,
+                      cuts: int = defaults.PREFIX_CUTS, seed: int = defaults.SPLIT_SEED,
+                      progress: bool = False) -> dict:
+    """Fit the prefix router of a run with assignments: a multinomial logistic regression (scikit-learn,
+    ``C = 1``) from the embedding of a context to its document's cluster, on ``cuts`` log-uniform
+    prefixes of each of up to ``max_documents`` seeded-sampled training documents. Writes
+    ``router/prefix.{safetensors,json}``; returns a summary."""
+    import time
+
+    from sklearn.linear_model import LogisticRegression
+
+    run = RunDir.of(run)
+    t0 = time.perf_counter()
+    embedder = TfidfEmbedder.load(run.router)
+    k = BalancedKMeans.load(run.router).n_clusters
+    records = read_records(run)
+    train = sorted(i for i, (_, split) in records.items() if split == "train")
+    rng = np.random.default_rng(seed)
+    if len(train) > max_documents:
+        train = sorted(rng.choice(train, max_documents, replace=False).tolist())
+    texts, labels = [], []
+    for cluster, _, text in iter_documents(run, records={i: records[i] for i in train}):
+        texts.append(text)
+        labels.append(cluster)
+    present = sorted(set(labels))
+    if len(present) < 2:
+        raise ValueError(f"{run.path}: the prefix router needs training documents in at least 2 clusters, "
+                         f"found {len(present)}")
+    offsets = [_cuts(t, cuts, rng) for t in texts]
+    x = np.concatenate(embedder.prefix_embeddings_batch(texts, offsets))  # (N, D)
+    y = np.repeat(labels, [len(o) for o in offsets])
+    clf = LogisticRegression(C=1.0, max_iter=1000).fit(x, y)
+    coef = np.zeros((k, x.shape[1]), np.float32)
+    bias = np.full(k, _ABSENT, np.float32)  # a cluster without training documents gets no weight
+    coef[clf.classes_] = clf.coef_ if len(present) > 2 else np.stack([-clf.coef_[0], clf.coef_[0]]) / 2
+    bias[clf.classes_] = clf.intercept_ if len(present) > 2 else np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
+    atomic_save_safetensors(run.router / "prefix.safetensors", {"coef": coef, "intercept": bias})
+    summary = {"format": _PREFIX_FORMAT, "fingerprint": _prefix_fingerprint(run), "k": k, "documents": len(texts),
+               "prefixes": int(len(y)), "cuts_per_document": cuts, "seed": seed,
+               "train_accuracy": round(float(clf.score(x, y)), 4),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(run.router / "prefix.json", summary)
+    if progress:
+        print(f"prefix router fitted: {summary['prefixes']} prefixes of {summary['documents']} documents, "
+              f"accuracy {summary['train_accuracy']} on them, {summary['seconds']} s -> {run.router / 'prefix.json'}")
+    return summary

@@ -304,6 +304,34 @@ def test_evaluate_table_plot_and_cli(run, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
 
 
+def test_evaluate_with_the_prefix_router(run, tmp_path):
+    """A run with a prefix router is evaluated with it, and with the distance router on the same
+    expert log-probs; both equal what the sparse ensemble computes with that router."""
+    import shutil
+
+    from cbtm import evaluate
+    from cbtm.assignments import validation_texts
+    from cbtm.cli import main
+    from cbtm.router import fit_prefix_router
+
+    prefixed = tmp_path / "run"
+    shutil.copytree(run, prefixed)
+    fit_prefix_router(prefixed)
+    texts = validation_texts(prefixed, limit=5)
+    res = evaluate.evaluate_run(prefixed, texts, top_ks=["1", "all"])
+    assert res["routing"] == "prefix"
+    for routing, got in (("prefix", res["perplexity"]), ("distance", res["distance_router"])):
+        for t, top_k in (("1", 1), ("all", None)):
+            want = Ensemble.load(prefixed, top_k=top_k, routing=routing).perplexity(texts)["perplexity"]
+            assert math.isclose(got[t], want, rel_tol=1e-5), (routing, t)
+    assert res["perplexity"]["1"] != res["distance_router"]["1"]
+    plain = evaluate.evaluate_run(prefixed, texts, top_ks=["1", "all"], routing="distance")
+    assert plain["routing"] == "distance" and "distance_router" not in plain
+    assert plain["perplexity"] == pytest.approx(res["distance_router"], rel=1e-6)
+    assert main(["eval", str(prefixed), "--max-docs", "2", "--top-k", "1,all", "--out", str(tmp_path / "o")]) == 0
+    assert "distance router" in (tmp_path / "o" / "reports" / "eval.md").read_text()
+
+
 def test_btm_merge_operations(run, tmp_path, texts):
     import shutil
 
