@@ -136,11 +136,13 @@ def iter_documents(run, want: set[tuple[int, str]] | None = None,
 
     Raises ValueError when assigned documents are missing from the corpus.
     """
-    for cluster, split, _, text in _iter(run, want, records):
+    for cluster, split, _, text in iter_assigned(run, want, records):
         yield cluster, split, text
 
 
-def _iter(run, want, records) -> Iterator[tuple[int, str, str, str]]:
+def iter_assigned(run, want: set[tuple[int, str]] | None = None,
+                  records: dict | None = None) -> Iterator[tuple[int, str, str, str]]:
+    """``iter_documents`` with each document's id: ``(cluster, split, id, text)``."""
     s = corpus_settings(run)
     records = read_records(run) if records is None else records
     expected = sum(1 for v in records.values() if want is None or v in want)
@@ -165,7 +167,7 @@ def validation_documents(run, limit: int | None = None) -> list[tuple[str, str]]
     records = read_records(run)
     want = {(c, "valid") for c, _ in records.values()}
     out = []
-    for _, _, doc_id, text in _iter(run, want, records):
+    for _, _, doc_id, text in iter_assigned(run, want, records):
         out.append((doc_id, text))
         if limit is not None and len(out) >= limit:
             break

@@ -22,7 +22,7 @@ from . import cluster, evaluate, models, tokens
 from .assignments import corpus_paths, read_assignments, write_assignments
 from .corpus import read_documents
 from .kmeans import BalancedKMeans
-from .router import Router, fit_prefix_router
+from .router import Router, fit_prefix_routers
 from .rundir import RunDir, atomic_write_json, atomic_write_text
 from .training import train_dense, train_experts
 
@@ -53,7 +53,7 @@ BUDGETS = {
                    eval_docs=None, scales=(1, 4), parallel=False, baselines=BASELINES, ks=KS),
 }
 CURVE_POINTS = 4  # validation losses per training job (the learning curves) ...
-CURVE_TOKENS = 16_384  # ... each on this many tokens of the job's validation documents
+CURVE_TOKENS = 8_192  # ... each on this many tokens of the job's validation documents
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -83,12 +83,18 @@ def _router_from_groups(run: Path, embedder, corpus, records: list[dict], k: int
     km.save(RunDir(run).router)
 
 
-def _prefix_router(run: Path, progress: bool) -> None:
-    """Fit the run's prefix router unless it has one fitted on its current assignments."""
-    try:
-        Router.load(run, "prefix")
-    except (FileNotFoundError, ValueError):
-        fit_prefix_router(run, progress=progress)
+def _prefix_routers(runs: dict[str, Path], progress: bool) -> None:
+    """Fit the prefix router of every run that has none fitted on its current assignments."""
+    def fitted(run):
+        try:
+            return Router.load(run, "prefix") is not None
+        except (FileNotFoundError, ValueError):
+            return False
+
+    todo = [run for run in runs.values() if not fitted(run)]
+    if todo:
+        _log(progress, f"prefix routers of {', '.join(r.name for r in todo)}")
+        fit_prefix_routers(todo, progress=progress)
 
 
 def _random_equal(records: list[dict], k: int) -> list[dict]:
@@ -122,14 +128,12 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELIN
             _log(progress, f"clustering k={k} (balanced)")
             cluster.fit(corpus, run, k=k, embedder=embedder, progress=progress)
         cluster.assign(corpus, run, label_field="domain", progress=progress)
-        _prefix_router(run, progress)
     if "unbalanced" in baselines:
         unbalanced = out / "unbalanced-k4"
         if not RunDir(unbalanced).exists() or "cluster" not in RunDir(unbalanced).manifest():
             _log(progress, "clustering k=4 (unbalanced k-means)")
             cluster.fit(corpus, unbalanced, k=4, balanced=False, embedder=embedder, progress=progress)
         cluster.assign(corpus, unbalanced, balanced=False, progress=progress)
-        _prefix_router(unbalanced, progress)
         runs["unbalanced-k4"] = unbalanced
     if "random" in baselines:  # random equal split: documents hashed into 4 groups (sizes equal up to noise)
         rand = out / "random-k4"
@@ -138,9 +142,9 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELIN
             recs = _random_equal(_records(base, lambda r: 0), 4)
             write_assignments(rand, recs, corpus, k=4, name="random", source="random equal split")
             _router_from_groups(rand, embedder, corpus, recs, 4)
-        _prefix_router(rand, progress)
         runs["random-k4"] = rand
     if "gold" not in baselines:
+        _prefix_routers(runs, progress)
         return runs
 
     # gold metadata split: one expert per `domain` label, when the corpus has labels
@@ -153,8 +157,8 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELIN
             recs = _records(base, lambda r: names.index(labels[r["id"]]))
             write_assignments(gold, recs, corpus, k=len(names), name="gold", source="gold domain labels")
             _router_from_groups(gold, embedder, corpus, recs, len(names))
-        _prefix_router(gold, progress)
         runs["gold"] = gold
+    _prefix_routers(runs, progress)
     return runs
 
 
@@ -219,6 +223,9 @@ def _scaled_copy(run: Path, scale: int) -> Path:
                 shutil.copytree(run / sub, dst / sub)
         m = RunDir(run).manifest()
         RunDir(dst).update(**{key: m[key] for key in ("cluster", "corpus", "assignments") if key in m})
+    for name in ("prefix.json", "prefix.safetensors"):  # a prefix router fitted after the copy was made
+        if (run / "router" / name).is_file() and not (dst / "router" / name).is_file():
+            shutil.copy2(run / "router" / name, dst / "router" / name)
     return dst
 
 

@@ -22,13 +22,14 @@ from typing import Sequence
 import numpy as np
 
 from . import defaults
-from .assignments import iter_documents, read_records
+from .assignments import iter_assigned, iter_documents, read_records
 from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
 from .rundir import RunDir, atomic_save_safetensors, atomic_write_json, read_json
 
 ROUTINGS = ("auto", "prefix", "distance")
 _SPACE = re.compile(r"\s+")
+LOGISTIC = dict(C=1.0, max_iter=1000, tol=1e-3)  # scikit-learn's LogisticRegression of the prefix router
 _ABSENT = -1e4  # the log-odds of a cluster the prefix router saw no document of
 _PREFIX_FORMAT = "cbtm.prefix-router/1"
 
@@ -198,40 +199,65 @@ def fit_prefix_router(run: str | Path, max_documents: int = defaults.PREFIX_DOCU
                       cuts: int = defaults.PREFIX_CUTS, seed: int = defaults.SPLIT_SEED,
                       progress: bool = False) -> dict:
     """Fit the prefix router of a run with assignments: a multinomial logistic regression (scikit-learn,
-    ``C = 1``) from the embedding of a context to its document's cluster, on ``cuts`` log-uniform
+    ``LOGISTIC``) from the embedding of a context to its document's cluster, on ``cuts`` log-uniform
     prefixes of each of up to ``max_documents`` seeded-sampled training documents. Writes
     ``router/prefix.{safetensors,json}``; returns a summary."""
+    return fit_prefix_routers([run], max_documents, cuts, seed, progress)[0]
+
+
+def fit_prefix_routers(runs: Sequence[str | Path], max_documents: int = defaults.PREFIX_DOCUMENTS,
+                       cuts: int = defaults.PREFIX_CUTS, seed: int = defaults.SPLIT_SEED,
+                       progress: bool = False) -> list[dict]:
+    """:func:`fit_prefix_router` for several runs; runs that share an embedder and a training split
+    (several clusterings of one corpus) embed the same prefixes once."""
+    shared: dict = {}
+    return [_fit_prefix(RunDir.of(run), max_documents, cuts, seed, progress, shared) for run in runs]
+
+
+def _prefix_examples(run: RunDir, records: dict, max_documents: int, cuts: int, seed: int,
+                     shared: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Training documents' ids, the embeddings of their sampled prefixes (N, D), prefixes per document."""
+    train = sorted(i for i, (_, split) in records.items() if split == "train")
+    key = (hashlib.blake2b((run.router / "embedder.safetensors").read_bytes(), digest_size=16).digest(),
+           run.section("corpus").get("fingerprint"), tuple(train), max_documents, cuts, seed)
+    if key not in shared:
+        rng = np.random.default_rng(seed)
+        if len(train) > max_documents:
+            train = sorted(rng.choice(train, max_documents, replace=False).tolist())
+        ids, texts = [], []
+        for _, _, doc_id, text in iter_assigned(run, records={i: records[i] for i in train}):
+            ids.append(doc_id)
+            texts.append(text)
+        offsets = [_cuts(t, cuts, rng) for t in texts]
+        x = np.concatenate(TfidfEmbedder.load(run.router).prefix_embeddings_batch(texts, offsets))
+        shared[key] = (ids, x, np.array([len(o) for o in offsets]))
+    return shared[key]
+
+
+def _fit_prefix(run: RunDir, max_documents: int, cuts: int, seed: int, progress: bool, shared: dict) -> dict:
     import time
 
     from sklearn.linear_model import LogisticRegression
 
-    run = RunDir.of(run)
     t0 = time.perf_counter()
-    embedder = TfidfEmbedder.load(run.router)
     k = BalancedKMeans.load(run.router).n_clusters
     records = read_records(run)
-    train = sorted(i for i, (_, split) in records.items() if split == "train")
-    rng = np.random.default_rng(seed)
-    if len(train) > max_documents:
-        train = sorted(rng.choice(train, max_documents, replace=False).tolist())
-    texts, labels = [], []
-    for cluster, _, text in iter_documents(run, records={i: records[i] for i in train}):
-        texts.append(text)
-        labels.append(cluster)
-    present = sorted(set(labels))
+    ids, x, per_doc = _prefix_examples(run, records, max_documents, cuts, seed, shared)
+    y = np.repeat([records[i][0] for i in ids], per_doc)  # (N,) each prefix's document's cluster
+    present = np.unique(y)
     if len(present) < 2:
         raise ValueError(f"{run.path}: the prefix router needs training documents in at least 2 clusters, "
                          f"found {len(present)}")
-    offsets = [_cuts(t, cuts, rng) for t in texts]
-    x = np.concatenate(embedder.prefix_embeddings_batch(texts, offsets))  # (N, D)
-    y = np.repeat(labels, [len(o) for o in offsets])
-    clf = LogisticRegression(C=1.0, max_iter=1000).fit(x, y)
+    clf = LogisticRegression(**LOGISTIC).fit(x, y)
     coef = np.zeros((k, x.shape[1]), np.float32)
     bias = np.full(k, _ABSENT, np.float32)  # a cluster without training documents gets no weight
-    coef[clf.classes_] = clf.coef_ if len(present) > 2 else np.stack([-clf.coef_[0], clf.coef_[0]]) / 2
-    bias[clf.classes_] = clf.intercept_ if len(present) > 2 else np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
+    if len(present) == 2:  # scikit-learn keeps one row, the log-odds of the second class: split it
+        coef[clf.classes_] = np.stack([-clf.coef_[0], clf.coef_[0]]) / 2
+        bias[clf.classes_] = np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
+    else:
+        coef[clf.classes_], bias[clf.classes_] = clf.coef_, clf.intercept_
     atomic_save_safetensors(run.router / "prefix.safetensors", {"coef": coef, "intercept": bias})
-    summary = {"format": _PREFIX_FORMAT, "fingerprint": _prefix_fingerprint(run), "k": k, "documents": len(texts),
+    summary = {"format": _PREFIX_FORMAT, "fingerprint": _prefix_fingerprint(run), "k": k, "documents": len(ids),
                "prefixes": int(len(y)), "cuts_per_document": cuts, "seed": seed,
                "train_accuracy": round(float(clf.score(x, y)), 4),
                "seconds": round(time.perf_counter() - t0, 1)}

@@ -14,7 +14,7 @@ from cbtm.assignments import iter_documents, read_assignments, read_records, val
 from cbtm.cli import main
 from cbtm.corpus import default_corpus_path, read_documents
 from cbtm.embed import TfidfEmbedder
-from cbtm.router import Router, _cuts, fit_prefix_router
+from cbtm.router import LOGISTIC, Router, _cuts, fit_prefix_router, fit_prefix_routers
 from cbtm.rundir import RunDir
 
 
@@ -39,8 +39,7 @@ def runs(corpus, tmp_path_factory):
     """Clustered runs with k = 2 and k = 4, each with its prefix router."""
     root = tmp_path_factory.mktemp("runs")
     out = {k: _assigned(corpus, root, k) for k in (2, 4)}
-    for run in out.values():
-        fit_prefix_router(run)
+    fit_prefix_routers(list(out.values()))  # one embedder per run: nothing shared
     return out
 
 
@@ -59,7 +58,7 @@ def _reference_proba(run, emb):
     offsets = [_cuts(t, 16, rng) for t in texts]
     x = np.concatenate(embedder.prefix_embeddings_batch(texts, offsets))
     y = np.repeat(labels, [len(o) for o in offsets])
-    return LogisticRegression(C=1.0, max_iter=1000).fit(x, y).predict_proba(emb)
+    return LogisticRegression(**LOGISTIC).fit(x, y).predict_proba(emb)
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -147,6 +146,27 @@ def test_damaged_or_stale_prefix_router_is_an_error(runs, tmp_path):
     RunDir(run).update(assignments={**RunDir(run).section("assignments"), "train_sizes": [1, 2]})
     with pytest.raises(ValueError, match="refit it"):
         Router.load(run)
+
+
+def test_runs_sharing_an_embedder_share_the_prefixes(runs, tmp_path):
+    """Several clusterings of one corpus with one embedder (the demo's): fitted together, each equals
+    its own fit alone."""
+    from cbtm.assignments import write_assignments
+
+    base = runs[4]
+    other = tmp_path / "other"
+    shutil.copytree(base / "router", other / "router")
+    recs = [{**r, "cluster": (r["cluster"] + 1) % 4} for r in read_assignments(base)]
+    write_assignments(other, recs, RunDir(base).section("corpus")["paths"], k=4, name="shifted")
+    alone = tmp_path / "alone"
+    shutil.copytree(other, alone)
+    fit_prefix_router(alone)
+    together = fit_prefix_routers([base, other])
+    assert together[1]["prefixes"] == together[0]["prefixes"]
+    emb = Router.load(base).embedder.transform([t for _, t in validation_documents(base)][:5])
+    np.testing.assert_allclose(Router.load(other).weights(emb), Router.load(alone).weights(emb), atol=1e-6)
+    np.testing.assert_allclose(Router.load(other).weights(emb), np.roll(Router.load(base).weights(emb), 1, axis=1),
+                               atol=1e-3)
 
 
 def test_cli_assign_fits_it_and_fit_prefix_refits(corpus, tmp_path, capsys):
