@@ -24,7 +24,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import defaults, ops
 from .ensemble import Ensemble
-from .tokens import load_tokenizer
 
 # transformers 5 calls the KV cache argument and output `cache`, 4.x `past_key_values`
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
