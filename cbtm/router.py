@@ -77,7 +77,8 @@ class Router:
     @classmethod
     def load(cls, run: str | Path, routing: str = defaults.ROUTING, **kw) -> "Router":
         """The router of a run directory (``router/embedder.*``, ``router/kmeans.*`` and, for
-        ``routing`` "prefix" -- or "auto" when the run has one -- ``router/prefix.*``)."""
+        ``routing`` "prefix" -- or "auto" when the run has one fitted on its current clusters and
+        assignments; otherwise the distance router -- ``router/prefix.*``)."""
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         run = RunDir.of(run)
@@ -85,8 +86,13 @@ class Router:
             raise FileNotFoundError(f"{run.router} holds no fitted router: run `cbtm cluster fit` first")
         centers = BalancedKMeans.load(run.router).cluster_centers_
         classifier = None
-        if routing == "prefix" or (routing == "auto" and (run.router / "prefix.json").is_file()):
+        if routing == "prefix":
             classifier = _load_classifier(run, centers.shape)
+        elif routing == "auto" and (run.router / "prefix.json").is_file():
+            try:
+                classifier = _load_classifier(run, centers.shape)
+            except StalePrefixRouter:
+                classifier = None  # e.g. `merge add` gave the run a centre the prefix router never saw
         return cls(TfidfEmbedder.load(run.router), centers, classifier=classifier, **kw)
 
     @property
@@ -155,10 +161,15 @@ def mixture_weights(run, cluster: int, sources: Sequence[int], temperature: floa
 # the prefix router
 
 
+class StalePrefixRouter(ValueError):
+    """The run's prefix router was fitted on another embedder, clustering or assignment."""
+
+
 def _prefix_fingerprint(run: RunDir) -> str:
-    """What a prefix router was fitted on: the embedder's weights and the run's assignments."""
+    """What a prefix router was fitted on: the embedder, the centres and the run's assignments."""
     h = hashlib.blake2b(digest_size=8)
-    h.update((run.router / "embedder.safetensors").read_bytes())
+    for name in ("embedder.safetensors", "kmeans.safetensors"):
+        h.update((run.router / name).read_bytes())
     a = run.section("assignments")
     h.update(json.dumps([a.get("k"), a.get("documents"), a.get("train_sizes"), a.get("shard_keys")]).encode())
     return h.hexdigest()
@@ -175,8 +186,9 @@ def _load_classifier(run: RunDir, shape: tuple[int, int]) -> tuple[np.ndarray, n
     if not isinstance(meta, dict) or meta.get("format") != _PREFIX_FORMAT:
         raise ValueError(f"{meta_path}: not a {_PREFIX_FORMAT} file")
     if meta.get("fingerprint") != _prefix_fingerprint(run):
-        raise ValueError(f"{meta_path} was fitted on another embedder or assignment of {run.path}: refit it with "
-                         f"`cbtm cluster fit-prefix --run {run.path}`")
+        raise StalePrefixRouter(f"{meta_path} was fitted on another embedder, clustering or assignment of "
+                                f"{run.path} (an expert added since?): refit it with `cbtm cluster fit-prefix "
+                                f"--run {run.path}`")
     t = load_file(str(weights))
     coef, bias = t.get("coef"), t.get("intercept")
     if coef is None or bias is None or coef.shape != tuple(shape) or bias.shape != (shape[0],):

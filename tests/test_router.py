@@ -14,7 +14,7 @@ from cbtm.assignments import iter_documents, read_assignments, read_records, val
 from cbtm.cli import main
 from cbtm.corpus import default_corpus_path, read_documents
 from cbtm.embed import TfidfEmbedder
-from cbtm.router import LOGISTIC, Router, _cuts, fit_prefix_router, fit_prefix_routers
+from cbtm.router import LOGISTIC, Router, StalePrefixRouter, _cuts, fit_prefix_router, fit_prefix_routers
 from cbtm.rundir import RunDir
 
 
@@ -142,10 +142,26 @@ def test_damaged_or_stale_prefix_router_is_an_error(runs, tmp_path):
         Router.load(run)
     meta.write_text(good_m)
     Router.load(run, "prefix")
-    # new assignments (another k-means, or another split) make the fitted router stale
+    # new assignments (another k-means, or another split) make the fitted router stale: "auto" falls
+    # back to the distance router, "prefix" is an error
     RunDir(run).update(assignments={**RunDir(run).section("assignments"), "train_sizes": [1, 2]})
-    with pytest.raises(ValueError, match="refit it"):
-        Router.load(run)
+    assert Router.load(run).routing == "distance"
+    with pytest.raises(StalePrefixRouter, match="refit it"):
+        Router.load(run, "prefix")
+
+
+def test_a_new_centre_makes_the_prefix_router_stale(runs, tmp_path):
+    """`merge add` appends a centre the prefix router never saw: the ensemble routes by distance."""
+    from cbtm.kmeans import BalancedKMeans
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[4], run)
+    km = BalancedKMeans.load(run / "router")
+    km.with_center(km.cluster_centers_.mean(0), count=3).save(run / "router")
+    router = Router.load(run)
+    assert router.routing == "distance" and router.n_experts == 5
+    with pytest.raises(StalePrefixRouter):
+        Router.load(run, "prefix")
 
 
 def test_runs_sharing_an_embedder_share_the_prefixes(runs, tmp_path):
