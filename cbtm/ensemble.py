@@ -160,7 +160,8 @@ class Ensemble:
                                  f"{full.n_experts} centres")
             router = full.subset(clusters)
         devices = resolve_devices(device)
-        trained = ((run.manifest().get("train") or {}).get("config") or {}).get("seq_len")
+        m = run.manifest()  # the experts' training length; an exported MoE keeps its source's
+        trained = ((m.get("train") or {}).get("config") or {}).get("seq_len") or (m.get("moe") or {}).get("seq_len")
         return cls(paths, load_tokenizer(run.tokenizer), router, kind, top_k, devices, max_loaded, dtype,
                    batch_size=batch_size, digests=[e.get("sha256") for e in entries],
                    context=trained if isinstance(trained, int) and trained > 0 else None)

@@ -208,7 +208,8 @@ def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weight
     info = {"source": str(run.path.resolve()), "experts": [e["id"] for e in entries], "clusters": clusters,
             "weights": w, "gate": gate, "gate_documents": None if gate == "random" else int(gate_docs),
             "seed": int(seed), "experts_per_token": int(experts_per_token), "params": models.num_params(moe),
-            "active_params": active_params(moe), "source_tokens": run.section("train").get("total_tokens")}
+            "active_params": active_params(moe), "source_tokens": run.section("train").get("total_tokens"),
+            "seq_len": (run.section("train").get("config") or {}).get("seq_len")}
     s = assignments.corpus_settings(run)
 
     def save(tmp: str) -> None:

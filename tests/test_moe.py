@@ -19,6 +19,7 @@ from cbtm import cluster, evaluate, models, moe, tokens, training  # noqa: E402
 from cbtm.branch import average_experts  # noqa: E402
 from cbtm.cli import main  # noqa: E402
 from cbtm.corpus import default_corpus_path, read_documents  # noqa: E402
+from cbtm.ensemble import Ensemble  # noqa: E402
 from cbtm.rundir import RunDir, expert_name  # noqa: E402
 
 D, LAYERS, MLP = 32, 2, 64  # random tiny experts: a few seconds per test
@@ -123,6 +124,7 @@ def test_two_expert_export_round_trips(clustered, tmp_path):
     assert torch.equal(logits(mix, x), logits(again, x))
     assert mix.generate(x[:1, :4], max_new_tokens=5, do_sample=False).shape == (1, 9)
     info = RunDir(tmp_path / "moe").section("moe")
+    assert info["seq_len"] is None  # the source run records no training length
     per_expert = 3 * D * MLP * LAYERS
     assert info["params"] == models.num_params(mix) and info["active_params"] == info["params"] - per_expert
     assert info["weights"] == pytest.approx([s / sum(sizes) for s in sizes])
@@ -197,7 +199,10 @@ def test_training_loss_adds_the_load_balancing_loss(clustered, tmp_path):
 def test_router_only_trains_only_the_routers_and_eval_reads_moe_runs(clustered, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the mixture's PyTorch path (the interpreter takes minutes)
     run = with_experts(clustered, tmp_path, [llama(1), llama(1)])
+    RunDir(run).update(train={"config": {"seq_len": 24}})
     moe.export_moe(run, tmp_path / "moe", gate="random", progress=False)
+    # the MoE is scored in windows of the length its experts were trained on, as its source run is
+    assert Ensemble.load(tmp_path / "moe", kind="uniform").context == Ensemble.load(run).context == 24
     moe.train_moe(tmp_path / "moe", tmp_path / "mix", 256, router_only=True, **FAST)
     before = models.load_model(tmp_path / "moe" / "experts" / "expert_000").state_dict()
     after = models.load_model(tmp_path / "mix" / "experts" / "expert_000").state_dict()
