@@ -246,6 +246,11 @@ def best_k_per_budget(ppl: dict, scales) -> dict[int, int]:
     return out
 
 
+def _change(v: float, ref: float) -> str:
+    """Relative change of a perplexity against a reference, e.g. "-2.4%"."""
+    return f"{(v / ref - 1) * 100:+.1f}%"
+
+
 def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
     """The papers' claims this run can test, each with reproduced: true|false and its figures."""
     dense = _all(ppl, "dense")
@@ -254,7 +259,7 @@ def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
         v = _all(ppl, f"cbtm-k{k}")
         if v is not None:
             out.append({"claim": f"C-BTM k={k} has lower validation perplexity than the compute-matched dense model",
-                        "reproduced": bool(v < dense), "cbtm": v, "dense": dense})
+                        "reproduced": bool(v < dense), "cbtm": v, "dense": dense, "vs_dense": _change(v, dense)})
     k4 = _all(ppl, "cbtm-k4")
     for other in ("random-k4", "unbalanced-k4"):
         v = _all(ppl, other)
@@ -275,7 +280,7 @@ def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
                         "reproduced": all(v <= 1.01 * p["all"] for v in tops.values()), **{f"top-{t}": v for t, v in tops.items()},
                         "all": p["all"]})
             out.append({"claim": f"k={k}: top-1 still beats the dense model", "reproduced": bool(p["1"] < dense),
-                        "top-1": p["1"], "dense": dense})
+                        "top-1": p["1"], "dense": dense, "vs_dense": _change(p["1"], dense)})
     if len(scales) > 1:
         best = best_k_per_budget(ppl, scales)
         ks = [best[s] for s in sorted(best)]

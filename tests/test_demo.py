@@ -118,3 +118,17 @@ def test_budgets_are_compute_matched_and_name_known_runs(tmp_path):
     assert {4, 8} <= set(small["ks"]) and "random" in small["baselines"]
     with pytest.raises(ValueError, match="unknown baselines"):
         prepare_runs(tmp_path / "out", [str(default_corpus_path())], False, baselines=("bogus",))
+
+
+def test_claims_against_dense_give_the_relative_change():
+    from cbtm.demo import claims
+
+    ppl = {"dense": {"all": 80.0}, "cbtm-k4": {"1": 81.0, "2": 79.0, "all": 78.0},
+           "cbtm-k8": {"1": 79.9, "2": 77.0, "all": 76.0}}
+    got = {c["claim"]: c for c in claims(ppl, (1,))}
+    k4 = got["C-BTM k=4 has lower validation perplexity than the compute-matched dense model"]
+    assert k4["reproduced"] and k4["vs_dense"] == "-2.5%"
+    assert got["k=4: top-1 still beats the dense model"]["vs_dense"] == "+1.2%"
+    top1 = got["k=8: top-1 still beats the dense model"]
+    assert top1["reproduced"] and top1["vs_dense"] == "-0.1%"
+    assert not got["k=4: top-2 and top-4 are within 1% of using all experts"]["reproduced"]  # 79 > 1.01 * 78
