@@ -3,6 +3,7 @@
 ```
 run/ cbtm.json                  manifest (format cbtm.run/1): config, k, expert list, provenance
      router/                    embedder + centres (safetensors + JSON)            cluster fit
+     router/prefix.*            the prefix router (safetensors + JSON)             cluster assign
      assignments/               cluster id and split per document, per shard       cluster assign
      tokenizer/                 the tokenizer every expert shares                  train
      tokens/cluster_XXX.*       token caches per cluster                           train
