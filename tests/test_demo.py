@@ -132,3 +132,22 @@ def test_claims_against_dense_give_the_relative_change():
     top1 = got["k=8: top-1 still beats the dense model"]
     assert top1["reproduced"] and top1["vs_dense"] == "-0.1%"
     assert not got["k=4: top-2 and top-4 are within 1% of using all experts"]["reproduced"]  # 79 > 1.01 * 78
+
+
+def test_a_scaled_copy_picks_up_a_prefix_router_fitted_after_it(tmp_path):
+    """The scaling budget's larger-T runs share their base run's router: one fitted later (a demo
+    resumed with a newer cbtm) must reach them too, or they would be evaluated with another router."""
+    from cbtm.demo import _scaled_copy
+
+    base = tmp_path / "cbtm-k4"
+    (base / "router").mkdir(parents=True)
+    (base / "router" / "kmeans.json").write_text("{}")
+    RunDir(base).update(cluster={"k": 4})
+    dst = _scaled_copy(base, 2)
+    assert dst.name == "cbtm-k4-x2" and RunDir(dst).manifest()["cluster"]["k"] == 4
+    assert not (dst / "router" / "prefix.json").exists()
+    for name in ("prefix.json", "prefix.safetensors"):
+        (base / "router" / name).write_text(name)
+    assert _scaled_copy(base, 2) == dst
+    assert (dst / "router" / "prefix.json").read_text() == "prefix.json"
+    assert (dst / "router" / "prefix.safetensors").read_text() == "prefix.safetensors"
