@@ -70,7 +70,6 @@ def _cluster_fit(a):
 
 def _cluster_assign(a):
     from . import cluster
-
     from .router import fit_prefix_router
 
     cluster.assign(a.corpus or None, a.run, balanced=not a.nearest, backend=a.backend, workers=a.workers,

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from . import defaults
 from .assignments import check_held_out, validation_documents
 from .ensemble import Ensemble, mix
-from .router import Router
 from .fewshot import SHOTS, evaluate_fewshot, read_task
+from .router import Router
 from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text, read_json
 
 TOP_KS = defaults.TOP_KS

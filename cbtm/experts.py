@@ -101,7 +101,8 @@ def export(run, path, top_k: int | None = defaults.TOP_K, temperature: float = d
     run = RunDir.of(run)
     entries = trained_entries(run)
     prefix = (run.router / "prefix.json").is_file()
-    weights = ("softmax(coef @ e + intercept) of router/prefix.safetensors, top-k renormalised" if prefix
+    weights = ("softmax(coef @ e + intercept) of router/prefix.safetensors while it matches the run's centres "
+               "and assignments, else softmax(-||e - c_j||^2 / T); top-k renormalised" if prefix
                else "softmax(-||e - c_j||^2 / T), top-k renormalised")
     spec = {"format": "cbtm.ensemble/1", "cbtm": __version__, "run": str(run.path.resolve()),
             "tokenizer": str(run.tokenizer.resolve()), "router": str(run.router.resolve()),
