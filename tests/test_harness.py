@@ -92,3 +92,20 @@ def test_command_line_prints_the_table(run, tasks, capsys, monkeypatch):
           "--include_path", str(tasks)])
     out = capsys.readouterr().out
     assert "|tiny_mc|" in out.replace(" ", "") and "acc" in out
+
+
+def test_routing_model_argument(run, tmp_path):
+    """`routing=` reaches the ensemble: a run with a prefix router uses it unless told `distance`."""
+    import shutil
+
+    from cbtm.harness import CbtmLM
+    from cbtm.router import fit_prefix_router
+
+    prefixed = tmp_path / "run"
+    shutil.copytree(run, prefixed)
+    fit_prefix_router(prefixed)
+    assert CbtmLM(run=str(prefixed), top_k="all").ensemble.router.routing == "prefix"
+    lm = CbtmLM(run=str(prefixed), top_k="all", routing="distance")
+    assert lm.ensemble.router.routing == "distance" and lm.model.config.routing == "distance"
+    with pytest.raises(ValueError, match="routing must be one of"):
+        CbtmLM(run=str(prefixed), routing="nearest")
