@@ -257,6 +257,9 @@ def _fit_prefix(run: RunDir, max_documents: int, cuts: int, seed: int, progress:
     ids, x, per_doc = _prefix_examples(run, records, max_documents, cuts, seed, shared)
     y = np.repeat([records[i][0] for i in ids], per_doc)  # (N,) each prefix's document's cluster
     present = np.unique(y)
+    if present[0] < 0 or present[-1] >= k:
+        raise ValueError(f"{run.manifest_path}: assignments name clusters {present.tolist()} but the router has "
+                         f"{k} centres")
     if len(present) < 2:
         raise ValueError(f"{run.path}: the prefix router needs training documents in at least 2 clusters, "
                          f"found {len(present)}")

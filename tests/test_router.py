@@ -185,6 +185,22 @@ def test_runs_sharing_an_embedder_share_the_prefixes(runs, tmp_path):
                                atol=1e-3)
 
 
+def test_fitting_needs_assignments_that_match_the_centres(runs, tmp_path):
+    from cbtm.assignments import write_assignments
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[2] / "router", run / "router", ignore=shutil.ignore_patterns("prefix.*"))
+    paths = RunDir(runs[2]).section("corpus")["paths"]
+    recs = read_assignments(runs[2])
+    write_assignments(run, [{**r, "cluster": 0} for r in recs], paths, k=2, name="one")
+    with pytest.raises(ValueError, match="at least 2 clusters"):
+        fit_prefix_router(run)
+    write_assignments(run, [{**r, "cluster": i % 3} for i, r in enumerate(recs)], paths, k=3, name="three")
+    with pytest.raises(ValueError, match="2 centres"):
+        fit_prefix_router(run)
+    assert not (run / "router" / "prefix.json").exists()
+
+
 def test_cli_assign_fits_it_and_fit_prefix_refits(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["cluster", "fit", str(corpus), "--run", str(run), "-k", "3", "--n-components", "16"]) == 0
