@@ -143,21 +143,17 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELIN
             write_assignments(rand, recs, corpus, k=4, name="random", source="random equal split")
             _router_from_groups(rand, embedder, corpus, recs, 4)
         runs["random-k4"] = rand
-    if "gold" not in baselines:
-        _prefix_routers(runs, progress)
-        return runs
-
-    # gold metadata split: one expert per `domain` label, when the corpus has labels
-    labels = {d.id: d.meta.get("domain") for d in read_documents(corpus)}
-    names = sorted({v for v in labels.values() if v is not None})
-    if len(names) >= 2 and None not in labels.values():
-        gold = out / "gold"
-        if not (RunDir(gold).router / "kmeans.json").is_file():
-            _log(progress, f"gold metadata split: {len(names)} domains")
-            recs = _records(base, lambda r: names.index(labels[r["id"]]))
-            write_assignments(gold, recs, corpus, k=len(names), name="gold", source="gold domain labels")
-            _router_from_groups(gold, embedder, corpus, recs, len(names))
-        runs["gold"] = gold
+    if "gold" in baselines:  # gold metadata split: one expert per `domain` label, when the corpus has labels
+        labels = {d.id: d.meta.get("domain") for d in read_documents(corpus)}
+        names = sorted({v for v in labels.values() if v is not None})
+        if len(names) >= 2 and None not in labels.values():
+            gold = out / "gold"
+            if not (RunDir(gold).router / "kmeans.json").is_file():
+                _log(progress, f"gold metadata split: {len(names)} domains")
+                recs = _records(base, lambda r: names.index(labels[r["id"]]))
+                write_assignments(gold, recs, corpus, k=len(names), name="gold", source="gold domain labels")
+                _router_from_groups(gold, embedder, corpus, recs, len(names))
+            runs["gold"] = gold
     _prefix_routers(runs, progress)
     return runs
 
@@ -310,23 +306,27 @@ def _n_experts(run) -> int | None:
     return None if run is None else len(RunDir(run).expert_entries())
 
 
+def _perplexity_table(ppl: dict, cols) -> list[str]:
+    """Markdown rows: a run per row, a top-k per column (``ppl``: run -> top-k -> perplexity)."""
+    lines = ["| run | " + " | ".join(f"top-{c}" if c != "all" else "all experts" for c in cols) + " |",
+             "| --- |" + " ---: |" * len(cols)]
+    for name, p in ppl.items():
+        lines.append(f"| {name} | " + " | ".join(f"{p[c]:.2f}" if c in p else "" for c in cols) + " |")
+    return lines
+
+
 def _markdown(report: dict) -> str:
     cols = ("1", "2", "4", "all")
     lines = [f"# cbtm demo ({report['budget']} budget: T = {report['config']['total_tokens']:,} tokens per run, "
              f"{report['config']['model_size']} models, {report['config']['vocab_size']}-token BPE, seed phase "
              f"{report['config']['seed_tokens']:,} tokens = {report['seed_share']:.0%} of the seed + T compute)", "",
-             f"Validation perplexity, {report['eval']['documents']} documents / {report['eval']['tokens']:,} tokens:", "",
-             "| run | " + " | ".join(f"top-{c}" if c != "all" else "all experts" for c in cols) + " |",
-             "| --- |" + " ---: |" * len(cols)]
-    for name, p in report["perplexity"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{p[c]:.2f}" if c in p else "" for c in cols) + " |")
+             f"Validation perplexity, {report['eval']['documents']} documents / {report['eval']['tokens']:,} tokens:", ""]
+    lines += _perplexity_table(report["perplexity"], cols)
     if report.get("distance_router"):
         lines += ["", "Routed runs use their prefix router (a classifier of the cluster from the context so far, "
                   "fitted on training documents); the same experts with the paper's distance router "
-                  "softmax(-d^2 / T):", "", "| run | " + " | ".join(f"top-{c}" if c != "all" else "all experts"
-                                                                     for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
-        for name, p in report["distance_router"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{p[c]:.2f}" if c in p else "" for c in cols) + " |")
+                  "softmax(-d^2 / T):", ""]
+        lines += _perplexity_table(report["distance_router"], cols)
     lines += ["", "| claim | reproduced | figures |", "| --- | --- | --- |"]
     for c in report["claims"]:
         figs = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()
