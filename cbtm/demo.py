@@ -247,8 +247,10 @@ def _change(v: float, ref: float) -> str:
     return f"{(v / ref - 1) * 100:+.1f}%"
 
 
-def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
-    """The papers' claims this run can test, each with reproduced: true|false and its figures."""
+def claims(ppl: dict, scales, n_labels: int | None = None, own_cluster: dict | None = None) -> list[dict]:
+    """The papers' claims this run can test, each with reproduced: true|false and its figures
+    (``own_cluster``: run -> perplexity of each document scored by its own cluster's expert, the
+    bound on what top-1 routing can reach, shown with the top-1 claims)."""
     dense = _all(ppl, "dense")
     out = []
     for k in (4, 8):
@@ -275,8 +277,10 @@ def claims(ppl: dict, scales, n_labels: int | None = None) -> list[dict]:
             out.append({"claim": f"k={k}: top-2 and top-4 are within 1% of using all experts",
                         "reproduced": all(v <= 1.01 * p["all"] for v in tops.values()), **{f"top-{t}": v for t, v in tops.items()},
                         "all": p["all"]})
+            own = (own_cluster or {}).get(f"cbtm-k{k}")
             out.append({"claim": f"k={k}: top-1 still beats the dense model", "reproduced": bool(p["1"] < dense),
-                        "top-1": p["1"], "dense": dense, "vs_dense": _change(p["1"], dense)})
+                        "top-1": p["1"], "dense": dense, "vs_dense": _change(p["1"], dense),
+                        **({"own_cluster": own} if own is not None else {})})
     if len(scales) > 1:
         best = best_k_per_budget(ppl, scales)
         ks = [best[s] for s in sorted(best)]
@@ -327,6 +331,7 @@ def _markdown(report: dict) -> str:
                   "fitted on training documents); the same experts with the paper's distance router "
                   "softmax(-d^2 / T):", ""]
         lines += _perplexity_table(report["distance_router"], cols)
+    lines += evaluate.context_markdown(report.get("by_context", {}))
     lines += ["", "| claim | reproduced | figures |", "| --- | --- | --- |"]
     for c in report["claims"]:
         figs = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()
@@ -353,6 +358,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     order = ["dense", "seed"] + [n for n in trained if n not in ("dense", "seed")]
     _log(progress, "evaluating every run on the validation split")
     ev = evaluate.evaluate({n: trained[n] for n in order}, out, max_docs=cfg["eval_docs"], progress=False)
+    by_context = {n: r["by_context"] for n, r in ev["runs"].items() if n == "dense" or n.startswith("cbtm-")}
     curves = evaluate.learning_curves({n: trained[n] for n in order})
     evaluate.plot_curves(curves, RunDir(out).reports / "curves.png")
     if len(cfg["scales"]) > 1:
@@ -365,7 +371,9 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
               "corpus": corpus, "perplexity": ev["perplexity"],
               "distance_router": {n: r["distance_router"] for n, r in ev["runs"].items() if "distance_router" in r},
               "eval": {k: ev[k] for k in ("documents", "tokens", "temperature")},
-              "claims": claims(ev["perplexity"], cfg["scales"], _n_experts(trained.get("gold"))),
+              "by_context": by_context,
+              "claims": claims(ev["perplexity"], cfg["scales"], _n_experts(trained.get("gold")),
+                               {n: b["own cluster"]["all tokens"] for n, b in by_context.items() if "own cluster" in b}),
               "runs": {n: str(p) for n, p in trained.items()}, "learning_curves": curves,
               "seconds": round(time.perf_counter() - t0, 1)}
     reports = RunDir(out).reports

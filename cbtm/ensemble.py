@@ -183,6 +183,11 @@ class Ensemble:
             return self.router.token_weights(texts, offsets)
         return [self._topk(np.tile(self.prior, (len(o), 1))) for o in offsets]
 
+    def token_weights(self, texts: Sequence[str], router: Router | None = None) -> list[np.ndarray]:
+        """``router``'s weights (default: this ensemble's) of the context before every token of each
+        text, as the ensemble tokenizes it: per text (n_tokens, K)."""
+        return (router or self.router).token_weights(texts, [self._encode(t)[1] for t in _as_texts(texts)])
+
     # ---------------------------------------------------------------------------------------
     # scoring
 

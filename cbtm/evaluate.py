@@ -8,16 +8,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from . import defaults
-from .assignments import check_held_out, validation_documents
+from .assignments import check_held_out, read_records, validation_documents
 from .ensemble import Ensemble, mix
 from .fewshot import SHOTS, evaluate_fewshot, read_task
-from .router import Router
 from .rundir import RunDir, atomic_write, atomic_write_json, atomic_write_text, read_json
 
 TOP_KS = defaults.TOP_KS
+CONTEXT_BUCKETS = (0, 8, 32, 128)  # context lengths (tokens of the document before the scored one)
+                                   # at which the report's breakdown starts a column
 
 
 def _parse_top_ks(top_ks) -> list[str]:
@@ -31,9 +33,12 @@ def _parse_top_ks(top_ks) -> list[str]:
 
 
 def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperature: float = defaults.TEMPERATURE,
-                 device: str = "cpu", batch_size: int = defaults.EVAL_BATCH, routing: str = defaults.ROUTING) -> dict:
+                 device: str = "cpu", batch_size: int = defaults.EVAL_BATCH, routing: str = defaults.ROUTING,
+                 ids: Sequence[str] | None = None) -> dict:
     """Perplexity of one run on texts for every top-k (a one-expert run: only "all"); a run routed by
-    its prefix router also gets the paper's distance router's perplexities (``distance_router``).
+    its prefix router also gets the paper's distance router's perplexities (``distance_router``), and
+    every run its perplexities by context length (``by_context``, see :func:`context_breakdown`; the
+    texts' document ``ids`` name each one's own cluster).
 
     Every expert scores every token once; each top-k mixture is then formed from those
     log-probs with the router's weights, which equals what the sparse ensemble computes."""
@@ -46,11 +51,56 @@ def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperatu
               "routing": ens.router.routing if routed else None,
               "perplexity": _perplexities(run, scored, [w for _, w in scored], top_ks)}
     if routed and ens.router.routing == "prefix":
-        r = ens.router
-        distance = Router(r.embedder, r.centers, r.temperature, None, r.official_distance)
-        weights = distance.token_weights(texts, [ens._encode(t)[1] for t in texts])
+        weights = ens.token_weights(texts, ens.router.by_distance())
         result["distance_router"] = _perplexities(run, scored, weights, top_ks)
+    own = None
+    if routed and ids is not None:
+        records = read_records(run)
+        expert_of = {int(e.get("cluster", e["id"])): j for j, e in enumerate(run.expert_entries())}
+        own = [expert_of.get(records.get(str(i), (-1,))[0]) for i in ids]
+    result["by_context"] = context_breakdown(scored, own)
     return result
+
+
+def context_breakdown(scored: list, own: Sequence[int | None] | None = None) -> dict:
+    """Where routing gains or loses: perplexity by context length (``CONTEXT_BUCKETS``, plus "all
+    tokens") with every expert ("all") and, for several experts, at top-1, of each document's own
+    expert (``own``: per text the expert of the cluster its whole document was assigned to -- an oracle
+    no causal router has) and the share of tokens whose top-1 expert is that one ("top-1 = own").
+
+    scored: per text (expert log-probs (K, n), full routing weights (n, K)).
+    Returns ``{row: {column: value}}`` with columns like "0-7", "128+", "all tokens"."""
+    edges = np.asarray(CONTEXT_BUCKETS)
+    cols = [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+", "all tokens"]
+    several = bool(scored) and scored[0][0].shape[0] > 1
+    rows = ["top-1", "all"] if several else ["all"]
+    if several and own is not None:
+        rows += ["own cluster"]
+    nll = {r: np.zeros(len(cols)) for r in rows}
+    count, hits = np.zeros(len(cols)), np.zeros(len(cols))
+    owned = np.zeros(len(cols))  # tokens of documents with a known own expert
+    for t, (lp, w) in enumerate(scored):
+        n = lp.shape[1]
+        bucket = np.searchsorted(edges, np.arange(n), side="right") - 1  # (n,)
+        per = {"all": mix(lp, w, None)}
+        if several:
+            per["top-1"] = mix(lp, w, 1)
+        j = own[t] if own is not None else None
+        if "own cluster" in rows and j is not None:
+            per["own cluster"] = lp[j]
+            owned += np.append(np.bincount(bucket, minlength=len(cols) - 1), n)
+            top = w.argmax(1) == j
+            hits += np.append(np.bincount(bucket, weights=top, minlength=len(cols) - 1), top.sum())
+        count += np.append(np.bincount(bucket, minlength=len(cols) - 1), n)
+        for r, v in per.items():
+            nll[r] -= np.append(np.bincount(bucket, weights=v, minlength=len(cols) - 1), v.sum())
+    out = {}
+    for r in rows:
+        tokens = owned if r == "own cluster" else count
+        out[r] = {c: math.exp(nll[r][i] / tokens[i]) for i, c in enumerate(cols) if tokens[i] > 0}
+    if "own cluster" in rows:
+        out["top-1 = own"] = {c: hits[i] / owned[i] for i, c in enumerate(cols) if owned[i] > 0}
+    return out
 
 
 def _perplexities(run: RunDir, scored: list, weights: list, top_ks) -> dict:
@@ -96,7 +146,8 @@ def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = 
             check_held_out(path, task_ids)
     results = {}
     for name, path in tqdm(list(runs.items()), desc="evaluating", unit="run", disable=not progress):
-        results[name] = evaluate_run(path, texts, top_ks, temperature, device, routing=routing)
+        results[name] = evaluate_run(path, texts, top_ks, temperature, device, routing=routing,
+                                     ids=[i for i, _ in docs])
     report = {"documents": len(texts), "tokens": next(iter(results.values()))["tokens"], "temperature": temperature,
               "top_k": _parse_top_ks(top_ks), "runs": {n: {"path": str(p), **results[n]} for n, p in runs.items()},
               "perplexity": {n: r["perplexity"] for n, r in results.items()},
@@ -128,6 +179,7 @@ def eval_markdown(report: dict) -> str:
         lines += ["", "Routed runs use their prefix router; the paper's distance router (softmax(-d^2 / T)) on the "
                   "same experts:", ""]
         lines += _table(report, paper, "{:.2f}")
+    lines += context_markdown({n: r["by_context"] for n, r in report["runs"].items() if "by_context" in r})
     if "fewshot" in report:
         fs = report["fewshot"]
         routing = "routed once on the prompt" if fs["route"] == "prompt" else "routed per token"
@@ -135,6 +187,24 @@ def eval_markdown(report: dict) -> str:
                   f"shots, {routing})", ""]
         lines += _table(report, fs["accuracy"], "{:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def context_markdown(breakdowns: dict) -> list[str]:
+    """The by-context-length tables of runs (name -> :func:`context_breakdown`) as markdown lines."""
+    if not breakdowns:
+        return []
+    cols = list(dict.fromkeys(c for b in breakdowns.values() for row in b.values() for c in row))
+    lines = ["", "Perplexity by context length (tokens of the document before the scored one). *own cluster*: "
+             "each document scored by the expert of the cluster its whole document was assigned to, an oracle "
+             "no causal router has; *top-1 = own*: how often the router's top expert is that one.", "",
+             "| run | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for name, b in breakdowns.items():
+        for row, values in b.items():
+            fmt = "{:.0%}" if row == "top-1 = own" else "{:.2f}"
+            label = name if len(b) == 1 else f"{name} {row}"
+            lines.append(f"| {label} | " + " | ".join(fmt.format(values[c]) if c in values else "" for c in cols)
+                         + " |")
+    return lines
 
 
 def _table(report: dict, values: dict, fmt: str) -> list[str]:

@@ -104,6 +104,10 @@ class Router:
         """"prefix" or "distance": how this router weights."""
         return "distance" if self.classifier is None else "prefix"
 
+    def by_distance(self) -> "Router":
+        """The paper's distance router over the same embedder, centres and top_k."""
+        return Router(self.embedder, self.centers, self.temperature, self.top_k, self.official_distance)
+
     def subset(self, clusters: Sequence[int], top_k: int | None = None) -> "Router":
         """A router over the given clusters only (in that order), keeping ``top_k`` of them."""
         clusters = list(clusters)

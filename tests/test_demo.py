@@ -45,6 +45,14 @@ def test_report_has_every_run_and_claim(demo):
     assert len(claims) >= 9 and all(c["reproduced"] in (True, False, None) for c in claims)
     assert all(isinstance(c["claim"], str) for c in claims)
     assert (out / "reports" / "demo.md").read_text().startswith("# cbtm demo")
+    # where top-1 loses: by context length, with the own-cluster oracle named in the top-1 claims
+    by = saved["by_context"]
+    assert set(by) == {n for n in RUNS if n == "dense" or n.startswith("cbtm-")}
+    for k in (4, 8):
+        top1 = next(c for c in claims if c["claim"] == f"k={k}: top-1 still beats the dense model")
+        assert top1["own_cluster"] == by[f"cbtm-k{k}"]["own cluster"]["all tokens"]
+        assert by[f"cbtm-k{k}"]["top-1"]["all tokens"] == pytest.approx(saved["perplexity"][f"cbtm-k{k}"]["1"])
+    assert "| cbtm-k4 own cluster |" in (out / "reports" / "demo.md").read_text()
     assert (out / "reports" / "eval.png").read_bytes()[:4] == b"\x89PNG"
     # learning curves of every job: the seed phase, the dense model and each expert
     curves = saved["learning_curves"]
@@ -125,10 +133,12 @@ def test_claims_against_dense_give_the_relative_change():
 
     ppl = {"dense": {"all": 80.0}, "cbtm-k4": {"1": 81.0, "2": 79.0, "all": 78.0},
            "cbtm-k8": {"1": 79.9, "2": 77.0, "all": 76.0}}
-    got = {c["claim"]: c for c in claims(ppl, (1,))}
+    got = {c["claim"]: c for c in claims(ppl, (1,), own_cluster={"cbtm-k4": 80.5})}
     k4 = got["C-BTM k=4 has lower validation perplexity than the compute-matched dense model"]
     assert k4["reproduced"] and k4["vs_dense"] == "-2.5%"
     assert got["k=4: top-1 still beats the dense model"]["vs_dense"] == "+1.2%"
+    assert got["k=4: top-1 still beats the dense model"]["own_cluster"] == 80.5
+    assert "own_cluster" not in got["k=8: top-1 still beats the dense model"]
     top1 = got["k=8: top-1 still beats the dense model"]
     assert top1["reproduced"] and top1["vs_dense"] == "-0.1%"
     assert not got["k=4: top-2 and top-4 are within 1% of using all experts"]["reproduced"]  # 79 > 1.01 * 78

@@ -275,7 +275,8 @@ def test_evaluate_table_plot_and_cli(run, tmp_path, capsys):
     import shutil
 
     from cbtm import evaluate
-    from cbtm.assignments import dense_records, validation_texts, write_assignments
+    from cbtm.assignments import (dense_records, read_records, validation_documents, validation_texts,
+                                  write_assignments)
     from cbtm.cli import main
 
     dense = tmp_path / "dense"
@@ -299,9 +300,59 @@ def test_evaluate_table_plot_and_cli(run, tmp_path, capsys):
     assert json.loads((reports / "eval.json").read_text())["perplexity"] == rep["perplexity"]
     assert (reports / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| cbtm | 3 |" in (reports / "eval.md").read_text()
+    by = rep["runs"]["cbtm"]["by_context"]
+    assert math.isclose(by["top-1"]["all tokens"], rep["perplexity"]["cbtm"]["1"], rel_tol=1e-9)
+    assert math.isclose(by["all"]["all tokens"], rep["perplexity"]["cbtm"]["all"], rel_tol=1e-9)
+    assert list(rep["runs"]["dense"]["by_context"]) == ["all"]
+    records = read_records(run)  # the own-cluster oracle: each document by its assigned cluster's expert
+    scored = Ensemble.load(run, top_k=None).expert_logprobs(texts)
+    own = [records[i][0] for i, _ in validation_documents(run, limit=6)]
+    nll = -sum(lp[c].astype(np.float64).sum() for (lp, _), c in zip(scored, own)) / rep["tokens"]
+    assert math.isclose(by["own cluster"]["all tokens"], math.exp(nll), rel_tol=1e-6)
+    assert "| cbtm own cluster |" in (reports / "eval.md").read_text()
     assert main(["eval", f"cbtm={run}", "--max-docs", "2", "--top-k", "1,all"]) == 0
     assert "top-1" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_context_breakdown_against_a_plain_reference(k):
+    """Perplexity by context length, the own-cluster oracle and the top-1 agreement, against a
+    token-by-token float64 loop (texts of awkward lengths, documents without an own cluster)."""
+    from cbtm.evaluate import CONTEXT_BUCKETS, context_breakdown
+
+    rng = np.random.default_rng(k)
+    lengths = [0, 1, 7, 8, 9, 31, 33, 130, 200]
+    scored = [(np.log(rng.dirichlet(np.ones(50), size=(k, n))[..., 0]).astype(np.float32),
+               rng.dirichlet(np.ones(k), size=n).astype(np.float32)) for n in lengths]
+    own = [int(rng.integers(k)) if t % 3 else None for t in range(len(lengths))] if k > 1 else None
+    got = context_breakdown(scored, own)
+    edges = list(CONTEXT_BUCKETS) + [math.inf]
+    cols = ["0-7", "8-31", "32-127", "128+"]
+    sums = {}  # (row, column) -> [negative log-likelihood, tokens]
+    for t, (lp, w) in enumerate(scored):
+        for i in range(lp.shape[1]):
+            col = cols[next(b for b in range(len(cols)) if edges[b] <= i < edges[b + 1])]
+            p = np.exp(lp[:, i].astype(np.float64))
+            ll = {"all": math.log(float(p @ w[i].astype(np.float64)))}
+            if k > 1:
+                ll["top-1"] = math.log(p[int(np.argmax(w[i]))])
+                if own[t] is not None:
+                    ll["own cluster"] = math.log(p[own[t]])
+                    ll["top-1 = own"] = float(int(np.argmax(w[i])) == own[t])
+            for row, v in ll.items():
+                for c in (col, "all tokens"):
+                    acc = sums.setdefault((row, c), [0.0, 0])
+                    acc[0] += v if row == "top-1 = own" else -v
+                    acc[1] += 1
+    rows = ["top-1", "all", "own cluster", "top-1 = own"] if k > 1 else ["all"]
+    assert list(got) == rows
+    for row in rows:
+        assert set(got[row]) == {c for r, c in sums if r == row}
+        for c, v in got[row].items():
+            total, n = sums[(row, c)]
+            want = total / n if row == "top-1 = own" else math.exp(total / n)
+            assert math.isclose(v, want, rel_tol=1e-6), (row, c)
 
 
 def test_evaluate_with_the_prefix_router(run, tmp_path):
