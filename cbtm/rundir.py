@@ -49,6 +49,30 @@ def expert_name(i: int) -> str:
 # atomic writes
 
 
+def default_mode(directory: str | Path) -> int:
+    """The permission bits an ordinary new file gets in ``directory`` (0o666 less the umask), found
+    by creating one: reading the umask would mean setting it, a process-wide change."""
+    probe = Path(directory) / f".cbtm-mode.{os.getpid()}.probe"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def share_like_open(path: str | Path) -> None:
+    """Give ``path`` (a file, or every file under a directory) the mode a plain ``open`` would have
+    given it. safetensors >= 0.8 writes every file 0600 whatever the umask, which would leave the
+    weights of a run directory shared with a group unreadable to the group."""
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+    if files:
+        mode = default_mode(files[0].parent)
+        for f in files:
+            os.chmod(f, mode)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` then rename tmp over ``path``: readers never see a partial file."""
     path = Path(path)
@@ -56,6 +80,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        share_like_open(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -102,6 +127,7 @@ def replace_dir(out: str | Path, save: Callable[[str], Any], kind: str) -> Path:
     if tmp.exists():  # our own leftover from a killed process with this pid
         shutil.rmtree(tmp)
     save(str(tmp))
+    share_like_open(tmp)
     (tmp / OUTPUT_MARKER).write_text(json.dumps({"kind": kind}) + "\n")  # no timestamp: hashes stay stable
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
     if out.exists():

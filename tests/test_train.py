@@ -83,6 +83,38 @@ def trained(base_run, tmp_path_factory):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_every_file_of_a_trained_run_has_the_mode_of_an_ordinary_file(trained):
+    """safetensors >= 0.8 writes files 0600 whatever the umask: a run directory shared with a group
+    would keep its weights, centres and token caches from the group."""
+    from cbtm.rundir import default_mode
+
+    run, _ = trained
+    files = [f for f in run.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files) and any("checkpoints" in f.parts for f in files)
+    wrong = {str(f.relative_to(run)): oct(f.stat().st_mode & 0o777) for f in files
+             if f.stat().st_mode & 0o777 != default_mode(f.parent)}
+    assert not wrong
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    from cbtm.rundir import atomic_save_safetensors, atomic_write_text, replace_dir
+
+    def save(out):
+        Path(out).mkdir()
+        atomic_save_safetensors(Path(out) / "sub" / "w.safetensors", {"w": np.ones(2, np.float32)})
+
+    old = os.umask(umask)
+    try:
+        paths = [atomic_save_safetensors(tmp_path / "a.safetensors", {"a": np.zeros(3, np.float32)}),
+                 atomic_write_text(tmp_path / "a.txt", "x"),
+                 replace_dir(tmp_path / "model", save, "model") / "sub" / "w.safetensors"]
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in paths} == {oct(0o666 & ~umask)}
+    assert not list(tmp_path.rglob("*.probe"))
+
+
 def test_tokenizer_and_token_cache(base_run):
     tok = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"), local_files_only=True)
     assert len(tok) == 512 and tok.eos_token == tokens.EOS

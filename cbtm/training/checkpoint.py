@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..rundir import share_like_open
 from .distributed import barrier, process_world
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ def save_checkpoint(root: str | Path, trainer: Trainer, state: dict) -> Path:
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         body = {**state, "optimizer": opt_meta, "scheduler": trainer.sched.state_dict(), "world_size": world}
         (tmp / "state.json").write_text(json.dumps(body))
+        share_like_open(tmp)
         files = {f.name: {"bytes": f.stat().st_size, "blake2b": digest(f)} for f in sorted(tmp.iterdir())}
         (tmp / "checkpoint.json").write_text(json.dumps({"format": "cbtm.checkpoint/1", "step": state["step"],
                                                          "files": files}, indent=1))
