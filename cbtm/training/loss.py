@@ -42,12 +42,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += torch.where(keep, lse - target_logit, 0.0).sum(dtype=torch.float64)
             if want_h or want_w:
                 g = p.div_(total)  # (c, V) softmax = d loss / d logits, minus the one-hot below
-                g[torch.arange(len(tc), device=g.device)[keep], safe[keep]] -= 1.0
-                g[~keep] = 0.0
+                rows = torch.arange(len(tc), device=g.device)
+                g[rows, safe] -= keep.to(g.dtype)
+                dropped = rows[~keep]
+                if len(dropped):
+                    g.index_fill_(0, dropped, 0.0)
                 if want_h:
                     grad_h[s:s + chunk] = (g.to(w.dtype) @ w).to(h.dtype)
                 if want_w:
-                    grad_w += g.T @ hc.to(acc)
+                    grad_w.addmm_(g.T, hc.to(acc))
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.want = (want_h, want_w)
         ctx.weight_dtype = weight.dtype
