@@ -80,20 +80,23 @@ def context_breakdown(scored: list, own: Sequence[int | None] | None = None) -> 
     count, hits = np.zeros(len(cols)), np.zeros(len(cols))
     owned = np.zeros(len(cols))  # tokens of documents with a known own expert
     for t, (lp, w) in enumerate(scored):
-        n = lp.shape[1]
-        bucket = np.searchsorted(edges, np.arange(n), side="right") - 1  # (n,)
+        bucket = np.searchsorted(edges, np.arange(lp.shape[1]), side="right") - 1  # (n,)
+
+        def per_column(v=None):  # sums of v (default: token counts) per bucket, then over every token
+            b = np.bincount(bucket, weights=v, minlength=len(edges))
+            return np.append(b, b.sum())
+
         per = {"all": mix(lp, w, None)}
         if several:
             per["top-1"] = mix(lp, w, 1)
         j = own[t] if own is not None else None
         if "own cluster" in rows and j is not None:
             per["own cluster"] = lp[j]
-            owned += np.append(np.bincount(bucket, minlength=len(cols) - 1), n)
-            top = w.argmax(1) == j
-            hits += np.append(np.bincount(bucket, weights=top, minlength=len(cols) - 1), top.sum())
-        count += np.append(np.bincount(bucket, minlength=len(cols) - 1), n)
+            owned += per_column()
+            hits += per_column(w.argmax(1) == j)
+        count += per_column()
         for r, v in per.items():
-            nll[r] -= np.append(np.bincount(bucket, weights=v, minlength=len(cols) - 1), v.sum())
+            nll[r] -= per_column(v)
     out = {}
     for r in rows:
         tokens = owned if r == "own cluster" else count
