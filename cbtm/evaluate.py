@@ -50,6 +50,8 @@ def evaluate_run(run: str | Path, texts: Sequence[str], top_ks=TOP_KS, temperatu
     result = {"experts": ens.n_experts, "tokens": sum(lp.shape[1] for lp, _ in scored),
               "routing": ens.router.routing if routed else None,
               "perplexity": _perplexities(run, scored, [w for _, w in scored], top_ks)}
+    if routed and routing == "auto" and ens.router.routing == "distance" and (run.router / "prefix.json").is_file():
+        result["prefix_router"] = "stale"  # fitted on other clusters, or cannot reach an added expert
     if routed and ens.router.routing == "prefix":
         weights = ens.token_weights(texts, ens.router.by_distance())
         result["distance_router"] = _perplexities(run, scored, weights, top_ks)
@@ -125,6 +127,26 @@ def _perplexities(run: RunDir, scored: list, weights: list, top_ks) -> dict:
     return out
 
 
+def _tokenizer_groups(runs: dict) -> dict:
+    """run name -> a letter shared by the runs that tokenize alike (identical ``tokenizer.json``, or
+    identical tokenizer files where there is none; the loading settings in tokenizer_config.json aside)."""
+    import hashlib
+
+    letters: dict[str, str] = {}
+    out = {}
+    for name, path in runs.items():
+        h = hashlib.blake2b(digest_size=16)
+        folder = RunDir.of(path).tokenizer
+        files = sorted(folder.iterdir()) if folder.is_dir() else []
+        if folder / "tokenizer.json" in files:
+            files = [folder / "tokenizer.json"]
+        for f in files:
+            if f.is_file() and f.name not in (".cbtm-output", "tokenizer_config.json"):
+                h.update(f.name.encode() + b"\0" + f.read_bytes())
+        out[name] = letters.setdefault(h.hexdigest(), "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[len(letters) % 26])
+    return out
+
+
 def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = None,
              temperature: float = defaults.TEMPERATURE, device: str = "cpu", progress: bool = True,
              fewshot: str | Path | None = None, shots: int = SHOTS, route: str = "prompt",
@@ -152,6 +174,7 @@ def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = 
         results[name] = evaluate_run(path, texts, top_ks, temperature, device, routing=routing,
                                      ids=[i for i, _ in docs])
     report = {"documents": len(texts), "tokens": next(iter(results.values()))["tokens"], "temperature": temperature,
+              "tokenizers": _tokenizer_groups(runs),
               "top_k": _parse_top_ks(top_ks), "runs": {n: {"path": str(p), **results[n]} for n, p in runs.items()},
               "perplexity": {n: r["perplexity"] for n, r in results.items()},
               "seconds": round(time.perf_counter() - t0, 1)}
@@ -176,7 +199,12 @@ def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = 
 def eval_markdown(report: dict) -> str:
     lines = [f"Validation perplexity ({report['documents']} documents, {report['tokens']:,} tokens; "
              f"router temperature {report['temperature']})", ""]
-    lines += _table(report, {n: r["perplexity"] for n, r in report["runs"].items()}, "{:.2f}")
+    lines += _table(report, {n: r["perplexity"] for n, r in report["runs"].items()}, "{:.2f}", router=True)
+    groups = report.get("tokenizers", {})
+    if len(set(groups.values())) > 1:
+        lines += ["", "**These runs tokenize differently** (tokenizers: " +
+                  ", ".join(f"{n} {g}" for n, g in groups.items()) + "): perplexities per token are comparable "
+                  "only between runs that share a tokenizer."]
     paper = {n: r["distance_router"] for n, r in report["runs"].items() if "distance_router" in r}
     if paper:
         lines += ["", "Routed runs use their prefix router; the paper's distance router (softmax(-d^2 / T)) on the "
@@ -210,15 +238,18 @@ def context_markdown(breakdowns: dict) -> list[str]:
     return lines
 
 
-def _table(report: dict, values: dict, fmt: str) -> list[str]:
-    """Markdown rows: one per run, one column per top-k of the report (``values``: run -> top-k -> number)."""
+def _table(report: dict, values: dict, fmt: str, router: bool = False) -> list[str]:
+    """Markdown rows: one per run, one column per top-k of the report (``values``: run -> top-k -> number);
+    ``router``: a column saying how each run was routed."""
     cols = report["top_k"]
-    lines = ["| run | experts | " + " | ".join(f"top-{c}" if c != "all" else "all" for c in cols) + " |",
-             "| --- | ---: |" + " ---: |" * len(cols)]
+    lines = ["| run | experts | " + ("router | " if router else "") +
+             " | ".join(f"top-{c}" if c != "all" else "all" for c in cols) + " |",
+             "| --- | ---: |" + (" --- |" if router else "") + " ---: |" * len(cols)]
     for name, r in report["runs"].items():
         if name not in values:
             continue
-        cells = [fmt.format(values[name][c]) if c in values[name] else "" for c in cols]
+        how = (r.get("routing") or "") + (" (its prefix router is stale)" if r.get("prefix_router") else "")
+        cells = ([how] if router else []) + [fmt.format(values[name][c]) if c in values[name] else "" for c in cols]
         lines.append(f"| {name} | {r['experts']} | " + " | ".join(cells) + " |")
     return lines
 

@@ -92,7 +92,7 @@ class Router:
             try:
                 classifier = _load_classifier(run, centers.shape)
             except StalePrefixRouter:
-                classifier = None  # e.g. `merge add` gave the run a centre the prefix router never saw
+                classifier = None  # e.g. `merge add` gave the run a centre the prefix router cannot route to
         return cls(TfidfEmbedder.load(run.router), centers, classifier=classifier, **kw)
 
     @property
@@ -166,7 +166,8 @@ def mixture_weights(run, cluster: int, sources: Sequence[int], temperature: floa
 
 
 class StalePrefixRouter(ValueError):
-    """The run's prefix router was fitted on another embedder, clustering or assignment."""
+    """The run's prefix router was fitted on another embedder, clustering or assignment, or cannot
+    route to every cluster."""
 
 
 def _prefix_fingerprint(run: RunDir) -> str:
@@ -193,6 +194,11 @@ def _load_classifier(run: RunDir, shape: tuple[int, int]) -> tuple[np.ndarray, n
         raise StalePrefixRouter(f"{meta_path} was fitted on another embedder, clustering or assignment of "
                                 f"{run.path} (an expert added since?): refit it with `cbtm cluster fit-prefix "
                                 f"--run {run.path}`")
+    absent = meta.get("absent_clusters") or []
+    if absent:
+        raise StalePrefixRouter(f"{meta_path}: the run's assignments have no training documents of clusters "
+                                f"{absent} (experts added by `merge add`?), so the prefix router cannot route "
+                                "to them: route by distance (routing='distance')")
     t = load_file(str(weights))
     coef, bias = t.get("coef"), t.get("intercept")
     if coef is None or bias is None or coef.shape != tuple(shape) or bias.shape != (shape[0],):
@@ -276,12 +282,16 @@ def _fit_prefix(run: RunDir, max_documents: int, cuts: int, seed: int, progress:
     else:
         coef[clf.classes_], bias[clf.classes_] = clf.coef_, clf.intercept_
     atomic_save_safetensors(run.router / "prefix.safetensors", {"coef": coef, "intercept": bias})
+    absent = sorted(set(range(k)) - set(present.tolist()))
     summary = {"format": _PREFIX_FORMAT, "fingerprint": _prefix_fingerprint(run), "k": k, "documents": len(ids),
-               "prefixes": int(len(y)), "cuts_per_document": cuts, "seed": seed,
+               "prefixes": int(len(y)), "cuts_per_document": cuts, "seed": seed, "absent_clusters": absent,
                "train_accuracy": round(float(clf.score(x, y)), 4),
                "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_json(run.router / "prefix.json", summary)
     if progress:
         print(f"prefix router fitted: {summary['prefixes']} prefixes of {summary['documents']} documents, "
               f"accuracy {summary['train_accuracy']} on them, {summary['seconds']} s -> {run.router / 'prefix.json'}")
+        if absent:
+            print(f"clusters {absent} have no training documents in the assignments (experts added by `merge add`?): "
+                  "the prefix router cannot route to them, so the run routes by distance")
     return summary

@@ -383,6 +383,36 @@ def test_evaluate_with_the_prefix_router(run, tmp_path):
     assert "distance router" in (tmp_path / "o" / "reports" / "eval.md").read_text()
 
 
+def test_evaluate_names_each_router_and_flags_other_tokenizers(run, tmp_path):
+    """The table says how each run was routed (a stale prefix router falls back to distance, visibly)
+    and warns when runs tokenize differently (per-token perplexities are then not comparable)."""
+    import shutil
+
+    from cbtm import evaluate
+    from cbtm.kmeans import BalancedKMeans
+    from cbtm.router import fit_prefix_router
+
+    prefixed, stale, other = tmp_path / "prefixed", tmp_path / "stale", tmp_path / "other"
+    shutil.copytree(run, prefixed)
+    fit_prefix_router(prefixed)
+    shutil.copytree(prefixed, stale)
+    km = BalancedKMeans.load(stale / "router")
+    km.with_center(km.cluster_centers_.mean(0), count=1).save(stale / "router")
+    shutil.copytree(run, other)
+    tok = json.loads((other / "tokenizer" / "tokenizer.json").read_text())
+    tok["normalizer"] = {"type": "Lowercase"}
+    (other / "tokenizer" / "tokenizer.json").write_text(json.dumps(tok))
+    rep = evaluate.evaluate({"p": prefixed, "s": stale, "d": run}, tmp_path / "out", top_ks=["1", "all"], max_docs=2,
+                            progress=False)
+    md = (tmp_path / "out" / "reports" / "eval.md").read_text()
+    assert "| p | 3 | prefix |" in md and "| s | 3 | distance (its prefix router is stale) |" in md
+    assert "| d | 3 | distance |" in md and rep["tokenizers"] == {"p": "A", "s": "A", "d": "A"}
+    assert "tokenize differently" not in md
+    rep = evaluate.evaluate({"d": run, "o": other}, tmp_path / "out2", top_ks=["all"], max_docs=2, progress=False)
+    assert rep["tokenizers"] == {"d": "A", "o": "B"}
+    assert "tokenize differently" in (tmp_path / "out2" / "reports" / "eval.md").read_text()
+
+
 def test_btm_merge_operations(run, tmp_path, texts):
     import shutil
 

@@ -162,6 +162,14 @@ def test_a_new_centre_makes_the_prefix_router_stale(runs, tmp_path):
     assert router.routing == "distance" and router.n_experts == 5
     with pytest.raises(StalePrefixRouter):
         Router.load(run, "prefix")
+    # refitting cannot mend it: the new cluster has no training documents, so a prefix router would
+    # never route to it (it gave the added expert weight 0); the run keeps routing by distance
+    assert fit_prefix_router(run)["absent_clusters"] == [4]
+    router = Router.load(run)
+    assert router.routing == "distance" and router.n_experts == 5
+    with pytest.raises(StalePrefixRouter, match=r"no training documents of clusters \[4\]"):
+        Router.load(run, "prefix")
+    assert fit_prefix_router(runs[4], progress=False)["absent_clusters"] == []
 
 
 def test_runs_sharing_an_embedder_share_the_prefixes(runs, tmp_path):
