@@ -356,7 +356,7 @@ class Ensemble:
                       gen: torch.Generator) -> str:
         ids = [self.bos] + self._encode(prompt)[0]
         new: list[int] = []
-        caches: dict[int, tuple] = {}  # expert -> (past_key_values, tokens consumed)
+        caches: dict[int, tuple] = {}  # expert -> (KV cache, tokens consumed)
         loglik = np.zeros(self.n_experts)  # posterior: log-likelihood of the tokens so far
         for _ in range(max_new):
             if len(ids) >= self.context:  # slide: keep the last half of the window, re-prefill
@@ -375,8 +375,9 @@ class Ensemble:
             for j in active:
                 past, done = caches.get(j, (None, 0))
                 model, dev = self.pool.get(j), self.pool.device(j)
-                out = model(input_ids=torch.tensor([ids[done:]], device=dev), past_key_values=past, use_cache=True)
-                caches[j] = (out.past_key_values, len(ids))
+                out = model(input_ids=torch.tensor([ids[done:]], device=dev), use_cache=True,
+                            **{models.cache_keyword(): past})
+                caches[j] = (getattr(out, models.cache_keyword()), len(ids))
                 logits.append(out.logits[0, -1:].float().to(self.mix_device))  # (1, V)
                 self.expert_calls[j] += 1
             with np.errstate(divide="ignore"):

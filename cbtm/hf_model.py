@@ -22,11 +22,10 @@ import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import defaults, ops
+from . import defaults, models, ops
 from .ensemble import Ensemble
 
-# transformers 5 calls the KV cache argument and output `cache`, 4.x `past_key_values`
-CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_NAME = models.cache_keyword()
 
 
 class EnsembleConfig(PretrainedConfig):

@@ -9,6 +9,7 @@ and only safetensors weights are accepted (no pickle).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,15 @@ SIZES: dict[str, tuple[int, int, int, int, int, float]] = {
     "medium": (768, 12, 12, 2048, 2048, 6e-4),  # ~85 M + embeddings
 }
 SEED_MODEL_LR = 2e-4  # default peak learning rate when continuing a pretrained seed model
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The name of a causal LM's KV cache, as forward argument and output field: ``cache`` in
+    transformers 5, ``past_key_values`` before (5 still takes it, with a deprecation warning)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _check_size(size: str) -> tuple:

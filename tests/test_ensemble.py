@@ -220,6 +220,7 @@ def test_uniform_and_posterior(run, texts):
     assert np.allclose(got.numpy(), want, atol=2e-4)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the KV cache by the keyword of this transformers
 def test_generate(run):
     ens = Ensemble.load(run, top_k=2)
     a = ens.generate(["And the king said"], max_new_tokens=8, greedy=True)
