@@ -46,6 +46,26 @@ def _int_list(text: str) -> list[int]:
         raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> list[float]:
+    """An argparse type: comma-separated numbers (the error names the flag)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+def _average_weights(text: str):
+    if text in ("uniform", "sizes"):
+        return text
+    try:
+        return _float_list(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected uniform, sizes or comma-separated numbers, got {text!r}") from None
+
+
 def _run_arg(p, help_text: str) -> None:
     p.add_argument("--run", "--out", dest="run", required=True, help=help_text)
 
@@ -189,12 +209,16 @@ def _train(a) -> None:
     try:
         if a.moe:
             from .moe import train_moe
+            from .rundir import RunDir, expert_name
+            from .training.plan import print_summary, run_summary
 
             if a.dense or a.like or a.corpus or a.experts or a.backend != "local" or a.seed_model:
                 raise ValueError("--moe trains the exported MoE on its own corpus: drop --dense, --like, corpus "
                                  "paths, --experts, --seed-model and --backend")
             train_moe(a.moe, a.run, a.total_tokens, router_only=a.router_only, aux_loss_coef=a.aux_loss_coef,
                       device=a.device, threads=a.threads, restart=a.restart, progress=not a.quiet, **_settings(a))
+            if not a.quiet:
+                print_summary(run_summary(RunDir(a.run), [expert_name(0)]))
         elif a.dense:
             train_dense(a.run, a.total_tokens, like=a.like, corpus=a.corpus or None, **kwargs)
         else:
@@ -213,7 +237,7 @@ def _branch(a) -> None:
     expert = a.cluster if a.expert is None else a.expert
     sources = default_sources(a.run, expert) if a.from_mixture == "all" else _int_list(a.from_mixture)
     if a.weights:
-        weights, method = [float(w) for w in a.weights.split(",")], "given"
+        weights, method = a.weights, "given"
     else:
         weights, method = mixture_weights(a.run, a.cluster, sources, a.temperature), "router"
     try:
@@ -270,7 +294,8 @@ def _add_train(sub) -> None:
     b.add_argument("--from-mixture", nargs="?", const="all", default="all",
                    help="source expert ids, comma-separated (default: all trained experts)")
     b.add_argument("--cluster", type=int, required=True, help="cluster id of the new expert's training documents")
-    b.add_argument("--weights", default=None, help="mixture weights, comma-separated (default: router weights)")
+    b.add_argument("--weights", type=_float_list, default=None,
+                   help="mixture weights, comma-separated (default: router weights)")
     b.add_argument("--temperature", type=float, default=defaults.TEMPERATURE,
                    help=f"router temperature for the weights ({defaults.TEMPERATURE})")
     b.add_argument("--expert", type=int, default=None, help="id of the new expert (default: the cluster id)")
@@ -287,8 +312,8 @@ def _add_train(sub) -> None:
 def _merge_average(a):
     from .experts import average
 
-    print(average(a.run, a.to, a.weights if a.weights in ("uniform", "sizes")
-                  else [float(v) for v in a.weights.split(",")]))
+    print(f"parameter average of {a.run}'s experts ({a.weights if isinstance(a.weights, str) else 'given weights'}) "
+          f"-> {average(a.run, a.to, a.weights)}")
 
 
 def _merge_add(a):
@@ -302,6 +327,7 @@ def _merge_remove(a):
     from .experts import remove_expert
 
     remove_expert(a.run, a.expert)
+    print(f"expert {a.expert} removed from the ensemble of {a.run} (its directory and router centre are kept)")
 
 
 def _merge_export(a):
@@ -322,7 +348,8 @@ def _add_merge(sub) -> None:
     a = msub.add_parser("average", help="parameter average of the experts as one model")
     _run_arg(a, "run directory")
     a.add_argument("--to", required=True, help="new (or empty) directory of the averaged model, outside the run")
-    a.add_argument("--weights", default="uniform", help="uniform, sizes, or comma-separated numbers")
+    a.add_argument("--weights", type=_average_weights, default="uniform",
+                   help="uniform, sizes, or comma-separated numbers")
     a.set_defaults(fn=_merge_average)
     d = msub.add_parser("add", help="add a trained expert with a centre from documents of its domain")
     _run_arg(d, "run directory")

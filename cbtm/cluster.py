@@ -98,7 +98,11 @@ def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defau
             if j < sample:
                 texts[j] = doc.text
     if len(texts) < k:
-        raise ValueError(f"only {len(texts)} training documents in {paths}, fewer than k={k}")
+        why = ""
+        if report.n_skipped:  # e.g. a --text-field no record has: say what was skipped and where
+            first = report.bad_shards[0] if report.bad_shards else report.examples[0]
+            why = f" ({report.summary().splitlines()[0]}; first: {first})"
+        raise ValueError(f"only {len(texts)} training documents in {paths}, fewer than k={k}{why}")
     if embedder is None:
         if progress:
             print(f"fitting tf-idf + SVD({n_components}) on {len(texts)} documents ...", flush=True)

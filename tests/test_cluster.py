@@ -133,6 +133,11 @@ def test_cli_and_clear_errors(shards, tmp_path, capsys):
     assert main(["cluster", "fit", str(tmp_path / "missing.jsonl"), "--out", str(run), "-k", "3"]) == 2
     with pytest.raises(ValueError, match="fewer than k"):
         cluster.fit(str(corpus / "part1.jsonl"), tmp_path / "r2", k=10_000, sample=20_000, progress=False)
+    # nothing read because of a wrong --text-field: the error says what was skipped, and where
+    assert main(["cluster", "fit", str(corpus / "part1.jsonl"), "--run", str(tmp_path / "r3"), "-k", "2",
+                 "--text-field", "body"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than k=2" in err and "missing field 'body'" in err and "part1.jsonl:1:" in err
 
 
 def test_assign_ids_of_same_named_files_in_subfolders(tmp_path):

@@ -520,7 +520,7 @@ def test_run_directory_is_untrusted_input(run, tmp_path, texts):
         Ensemble.load(run, device="meta")
 
 
-def test_merge_average_never_deletes_what_it_did_not_write(run, tmp_path):
+def test_merge_average_never_deletes_what_it_did_not_write(run, tmp_path, capsys):
     from cbtm.cli import main
 
     unrelated = tmp_path / "mine"
@@ -536,3 +536,9 @@ def test_merge_average_never_deletes_what_it_did_not_write(run, tmp_path):
     assert main(["merge", "average", "--run", str(run), "--to", str(out)]) == 0
     assert main(["merge", "average", "--run", str(run), "--to", str(out), "--weights", "1,2,1"]) == 0  # its own output
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert f"-> {out}" in capsys.readouterr().out  # it says what it wrote
+    with pytest.raises(SystemExit) as exit_:  # a bad --weights value names the flag and the choices
+        main(["merge", "average", "--run", str(run), "--to", str(out), "--weights", "size"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--weights" in err and "uniform, sizes or comma-separated numbers" in err
