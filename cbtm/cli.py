@@ -420,7 +420,8 @@ def _add_eval_demo(sub) -> None:
     d = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, with the papers' claims checked")
     d.add_argument("--out", default="runs/demo", help="directory of the demo's runs (default runs/demo)")
     d.add_argument("--budget", choices=("tiny", "small", "scaling", "medium"), default="small",
-                   help="small: under 15 minutes on a 2-core CPU; scaling: k in 1,2,4,8 at budgets T, 2T, 4T "
+                   help="small (the default): under 15 minutes on a 2-core CPU; tiny: every run and baseline on "
+                   "24k tokens, a smoke test of a few minutes; scaling: k in 1,2,4,8 at budgets T, 2T, 4T "
                    "(under 45 minutes on 2 CPU cores); medium: for a GPU (also runs a 4x budget)")
     d.add_argument("--corpus", nargs="*", default=None, help="corpus files (default: the embedded corpus)")
     d.set_defaults(fn=_demo)

@@ -309,7 +309,7 @@ class RunDir:
         if not self.exists():
             raise FileNotFoundError(
                 f"{self.manifest_path} not found: {self.path} is not a cbtm run directory "
-                "(create one with `cbtm cluster fit CORPUS --out DIR -k K`)")
+                "(create one with `cbtm cluster fit CORPUS --run DIR -k K`)")
         return validate_manifest(read_json(self.manifest_path), self.manifest_path)
 
     def section(self, name: str) -> dict:
