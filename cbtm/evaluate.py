@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import string
 import time
 from pathlib import Path
 from typing import Sequence
@@ -130,8 +132,6 @@ def _perplexities(run: RunDir, scored: list, weights: list, top_ks) -> dict:
 def _tokenizer_groups(runs: dict) -> dict:
     """run name -> a letter shared by the runs that tokenize alike (identical ``tokenizer.json``, or
     identical tokenizer files where there is none; the loading settings in tokenizer_config.json aside)."""
-    import hashlib
-
     letters: dict[str, str] = {}
     out = {}
     for name, path in runs.items():
@@ -143,7 +143,7 @@ def _tokenizer_groups(runs: dict) -> dict:
         for f in files:
             if f.is_file() and f.name not in (".cbtm-output", "tokenizer_config.json"):
                 h.update(f.name.encode() + b"\0" + f.read_bytes())
-        out[name] = letters.setdefault(h.hexdigest(), "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[len(letters) % 26])
+        out[name] = letters.setdefault(h.hexdigest(), string.ascii_uppercase[len(letters) % 26])
     return out
 
 
