@@ -200,6 +200,9 @@ def eval_markdown(report: dict) -> str:
     lines = [f"Validation perplexity ({report['documents']} documents, {report['tokens']:,} tokens; "
              f"router temperature {report['temperature']})", ""]
     lines += _table(report, {n: r["perplexity"] for n, r in report["runs"].items()}, "{:.2f}", router=True)
+    if any(c not in r["perplexity"] for r in report["runs"].values() if r["experts"] > 1 for c in report["top_k"]):
+        lines += ["", "A blank top-k of a run with several experts asks for at least its number of experts: "
+                  "the same as all."]
     groups = report.get("tokenizers", {})
     if len(set(groups.values())) > 1:
         lines += ["", "**These runs tokenize differently** (tokenizers: " +

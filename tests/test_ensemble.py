@@ -311,6 +311,7 @@ def test_evaluate_table_plot_and_cli(run, tmp_path, capsys):
     nll = -sum(lp[c].astype(np.float64).sum() for (lp, _), c in zip(scored, own)) / rep["tokens"]
     assert math.isclose(by["own cluster"]["all tokens"], math.exp(nll), rel_tol=1e-6)
     assert "| cbtm own cluster |" in (reports / "eval.md").read_text()
+    assert "the same as all" in (reports / "eval.md").read_text()  # top-4 of 3 experts is blank
     assert main(["eval", f"cbtm={run}", "--max-docs", "2", "--top-k", "1,all"]) == 0
     assert "top-1" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "missing")]) == 2
