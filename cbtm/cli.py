@@ -75,7 +75,7 @@ def _run_arg(p, help_text: str) -> None:
 
 
 def _routing_arg(p) -> None:
-    p.add_argument("--routing", choices=("auto", "prefix", "distance"), default=defaults.ROUTING,
+    p.add_argument("--routing", choices=defaults.ROUTINGS, default=defaults.ROUTING,
                    help="router weights: the run's prefix router, the paper's distance softmax(-d^2 / T), or auto "
                    "(prefix when the run has one; the default)")
 

@@ -1,6 +1,7 @@
 """Named defaults, one place for every stage (the CLI's defaults are these too)."""
 
 TEMPERATURE = 0.1          # router T of softmax(-d^2 / T), the paper's default
+ROUTINGS = ("auto", "prefix", "distance")  # the router weights one can ask for (cli choices, Router.load)
 ROUTING = "auto"           # router weights: "prefix" (the run's prefix classifier), "distance", or
                            # "auto" = prefix when the run has one
 PREFIX_DOCUMENTS = 20_000  # training documents sampled to fit a prefix router ...

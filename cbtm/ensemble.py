@@ -357,6 +357,7 @@ class Ensemble:
         ids = [self.bos] + self._encode(prompt)[0]
         new: list[int] = []
         caches: dict[int, tuple] = {}  # expert -> (KV cache, tokens consumed)
+        cache_kw = models.cache_keyword()
         loglik = np.zeros(self.n_experts)  # posterior: log-likelihood of the tokens so far
         for _ in range(max_new):
             if len(ids) >= self.context:  # slide: keep the last half of the window, re-prefill
@@ -376,8 +377,8 @@ class Ensemble:
                 past, done = caches.get(j, (None, 0))
                 model, dev = self.pool.get(j), self.pool.device(j)
                 out = model(input_ids=torch.tensor([ids[done:]], device=dev), use_cache=True,
-                            **{models.cache_keyword(): past})
-                caches[j] = (getattr(out, models.cache_keyword()), len(ids))
+                            **{cache_kw: past})
+                caches[j] = (getattr(out, cache_kw), len(ids))
                 logits.append(out.logits[0, -1:].float().to(self.mix_device))  # (1, V)
                 self.expert_calls[j] += 1
             with np.errstate(divide="ignore"):

@@ -27,7 +27,7 @@ from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
 from .rundir import RunDir, atomic_save_safetensors, atomic_write_json, read_json
 
-ROUTINGS = ("auto", "prefix", "distance")
+ROUTINGS = defaults.ROUTINGS
 _SPACE = re.compile(r"\s+")
 LOGISTIC = dict(C=1.0, max_iter=1000, tol=1e-3)  # scikit-learn's LogisticRegression of the prefix router
 _ABSENT = -1e4  # the log-odds of a cluster the prefix router saw no document of
