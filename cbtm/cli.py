@@ -57,6 +57,17 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _size_ratio(text: str) -> float:
+    """An argparse type: a finite number >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 (1 = exactly balanced), got {text!r}")
+    return value
+
+
 def _average_weights(text: str):
     if text in ("uniform", "sizes"):
         return text
@@ -84,8 +95,8 @@ def _cluster_fit(a):
     from . import cluster
 
     cluster.fit(a.corpus or None, a.run, a.k, sample=a.sample, n_components=a.n_components, seed=a.seed,
-                balanced=not a.unbalanced, max_iter=a.max_iter, text_field=a.text_field, id_field=a.id_field,
-                valid_fraction=a.valid_fraction, force=a.force)
+                balanced=not a.unbalanced, max_size_ratio=a.max_size_ratio, max_iter=a.max_iter,
+                text_field=a.text_field, id_field=a.id_field, valid_fraction=a.valid_fraction, force=a.force)
 
 
 def _cluster_assign(a):
@@ -125,6 +136,9 @@ def _add_cluster(sub) -> None:
     f.add_argument("--seed", type=int, default=defaults.SPLIT_SEED)
     f.add_argument("--max-iter", type=positive_int, default=defaults.MAX_ITER, help="k-means iterations")
     f.add_argument("--unbalanced", action="store_true", help="plain k-means instead of balanced")
+    f.add_argument("--max-size-ratio", type=_size_ratio, default=defaults.MAX_SIZE_RATIO,
+                   help=f"a cluster holds at most this x N/k documents: 1 = exactly balanced as in C-BTM "
+                        f"(default {defaults.MAX_SIZE_RATIO}: clusters follow domains of unequal size)")
     f.add_argument("--text-field", default="text")
     f.add_argument("--id-field", default="id")
     f.add_argument("--valid-fraction", type=float, default=defaults.VALID_FRACTION,

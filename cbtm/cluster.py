@@ -57,11 +57,14 @@ def _router_fingerprint(run: RunDir) -> str:
 
 def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defaults.SAMPLE,
         n_components: int = defaults.N_COMPONENTS, seed: int = defaults.SPLIT_SEED, balanced: bool = True,
-        max_iter: int = defaults.MAX_ITER, text_field: str = "text", id_field: str = "id",
+        max_size_ratio: float = defaults.MAX_SIZE_RATIO, max_iter: int = defaults.MAX_ITER, text_field: str = "text",
+        id_field: str = "id",
         valid_fraction: float = defaults.VALID_FRACTION, embedder: TfidfEmbedder | None = None,
         force: bool = False, progress: bool = True) -> dict:
     """Fit the embedder and BalancedKMeans on up to ``sample`` training documents (reservoir
     sample, seeded) and write them to ``out/router`` with the manifest. Returns a summary dict.
+    ``max_size_ratio``: a cluster holds at most this multiple of N / K documents (1 = exactly
+    balanced, as in C-BTM; see ``defaults.MAX_SIZE_RATIO``).
     ``embedder``: reuse a fitted embedder (e.g. another run's, to compare several k) instead of
     fitting one. A run that already has assignments or experts is refitted only with ``force``,
     which drops them from the manifest (their files stay): they belong to the old router and split."""
@@ -111,7 +114,7 @@ def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defau
     x = embedder.transform(texts)  # (n, n_components)
     if progress:
         print(f"fitting {'balanced ' if balanced else ''}k-means, k={k} ...", flush=True)
-    km = BalancedKMeans(k, balanced=balanced, max_iter=max_iter, seed=seed).fit(x)
+    km = BalancedKMeans(k, balanced=balanced, max_size_ratio=max_size_ratio, max_iter=max_iter, seed=seed).fit(x)
     run = RunDir(out)
     if dependent:
         run.drop(*dependent)
@@ -120,7 +123,8 @@ def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defau
     km.save(run.router)
     sizes = np.bincount(np.asarray(km.labels_), minlength=k).tolist()
     summary = {
-        "k": int(k), "balanced": bool(balanced), "seed": int(seed), "n_components": int(n_components),
+        "k": int(k), "balanced": bool(balanced), "max_size_ratio": km.max_size_ratio, "seed": int(seed),
+        "n_components": int(n_components),
         "sample": len(texts), "train_documents": n_train, "valid_fraction": valid_fraction,
         "text_field": text_field, "id_field": id_field, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
         "sample_cluster_sizes": sizes, "skipped_lines": report.n_skipped, "seconds": round(time.perf_counter() - t0, 2),
@@ -182,9 +186,10 @@ def _assign_shard(run_path: str, shard: str, opts: dict) -> dict:
     if not docs:
         labels = []
     elif opts["balanced"] and len(docs) >= km.n_clusters:
-        # exact balanced assignment of the shard (capacity ceil(n / K)), warm-started from the
-        # router's prices: close to a one-pass argmin(d + prices), and never over capacity
-        labels, _ = ops.balanced_assign(np.concatenate(parts), km.cluster_centers_, prices=km.prices_)
+        # exact balanced assignment of the shard (the router's capacity for n points), warm-started
+        # from its prices: close to a one-pass argmin(d + prices), and never over capacity
+        labels, _ = ops.balanced_assign(np.concatenate(parts), km.cluster_centers_, km.capacity(len(docs)),
+                                        prices=km.prices_)
     else:
         labels = km.predict(np.concatenate(parts), balanced=opts["balanced"])
     for d, c in zip(docs, np.asarray(labels).tolist()):
@@ -211,7 +216,7 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
            workers: int | None = None, ray_address: str | None = None, write_docs: bool = False,
            label_field: str | None = None, progress: bool = True) -> dict:
     """Assign every document of every shard to a cluster: balanced (each shard's exact balanced
-    assignment, capacity ceil(n_shard / K), warm-started from the router's prices) or nearest
+    assignment under the router's capacity, warm-started from the router's prices) or nearest
     centre. Finished shards (done-marker matching the shard and router) are skipped, so a
     killed run restarted with the same command resumes and ends with identical output."""
     if backend not in ("local", "ray"):
@@ -261,13 +266,14 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
                     bar.update()
     bar.close()
     k = cfg["k"]
+    capacity = BalancedKMeans(k, max_size_ratio=cfg.get("max_size_ratio", 1.0)).capacity
     sizes = np.zeros((k, 2), np.int64)  # (cluster, train/valid)
     for r in results:
         for key, n in r["sizes"].items():
             c, split = key.split(":")
             sizes[int(c), 0 if split == "train" else 1] += n
     summary = {"shards": len(shards), "resumed": len(done), "documents": int(sizes.sum()),
-               "capacity": int(sum(-(-r["documents"] // k) for r in results)),
+               "capacity": int(sum(capacity(r["documents"]) for r in results)),
                "skipped_lines": int(sum(r["skipped_lines"] for r in results)), "balanced": balanced,
                "backend": backend, "train_sizes": sizes[:, 0].tolist(), "valid_sizes": sizes[:, 1].tolist(),
                "label_field": label_field, "write_docs": write_docs, "k": int(k),
@@ -317,7 +323,7 @@ def report(out: str | Path, label_field: str | None = None, n_terms: int = 10, p
     recs = read_assignments(out)
     clusters = np.array([r["cluster"] for r in recs], np.int64)
     sizes = np.bincount(clusters, minlength=k)
-    cap = int(manifest["assignments"]["capacity"])  # sum over shards of ceil(n_shard / K)
+    cap = int(manifest["assignments"]["capacity"])  # sum over shards of each one's capacity
     rep: dict[str, Any] = {
         "k": k, "documents": len(recs), "sizes": sizes.tolist(), "capacity": cap,
         "within_capacity": bool(sizes.max() <= cap), "max_over_mean": float(sizes.max() / sizes.mean()),

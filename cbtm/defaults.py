@@ -13,6 +13,8 @@ SPLIT_SEED = 0             # seed of the validation split and of the clustering
 SAMPLE = 200_000           # documents sampled to fit the router
 N_COMPONENTS = 100         # SVD dimensions of the embedder
 MAX_ITER = 20              # k-means iterations
+MAX_SIZE_RATIO = 1.5       # a cluster holds at most this x N / K documents (1.0: exactly balanced, the paper's):
+                           # clusters follow domains of unequal size instead of splitting them to fill quotas
 VOCAB_SIZE = 8192          # byte-level BPE trained when a run has no tokenizer
 MODEL_SIZE = "tiny"        # named model config of fresh experts
 EVAL_BATCH = 32            # texts scored at once by an ensemble

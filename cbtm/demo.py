@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cluster, evaluate, models, tokens
+from . import cluster, defaults, evaluate, models, tokens
 from .assignments import corpus_paths, read_assignments, write_assignments
 from .corpus import read_documents
 from .kmeans import BalancedKMeans
@@ -125,7 +125,7 @@ def prepare_runs(out: Path, corpus: list[str], progress: bool, baselines=BASELIN
     for k in ks:
         run = runs[f"cbtm-k{k}"]
         if not RunDir(run).exists() or "cluster" not in RunDir(run).manifest():
-            _log(progress, f"clustering k={k} (balanced)")
+            _log(progress, f"clustering k={k} (balanced: at most {defaults.MAX_SIZE_RATIO}x the mean size)")
             cluster.fit(corpus, run, k=k, embedder=embedder, progress=progress)
         cluster.assign(corpus, run, label_field="domain", progress=progress)
     if "unbalanced" in baselines:
@@ -323,7 +323,8 @@ def _markdown(report: dict) -> str:
     cols = ("1", "2", "4", "all")
     lines = [f"# cbtm demo ({report['budget']} budget: T = {report['config']['total_tokens']:,} tokens per run, "
              f"{report['config']['model_size']} models, {report['config']['vocab_size']}-token BPE, seed phase "
-             f"{report['config']['seed_tokens']:,} tokens = {report['seed_share']:.0%} of the seed + T compute)", "",
+             f"{report['config']['seed_tokens']:,} tokens = {report['seed_share']:.0%} of the seed + T compute, "
+             f"clusters of at most {report['config'].get('max_size_ratio', 1.0)}x the mean size)", "",
              f"Validation perplexity, {report['eval']['documents']} documents / {report['eval']['tokens']:,} tokens:", ""]
     lines += _perplexity_table(report["perplexity"], cols)
     if report.get("distance_router"):
@@ -364,7 +365,8 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, 
     if len(cfg["scales"]) > 1:
         plot_scaling(ev["perplexity"], cfg["scales"], cfg["total_tokens"], RunDir(out).reports / "scaling.png")
     report = {"budget": budget, "config": {**{k: v for k, v in cfg.items() if k not in ("scales", "parallel")},
-                                           "vocab_size": VOCAB_SIZE, "seed_schedule": SEED_SCHEDULE,
+                                           "vocab_size": VOCAB_SIZE, "max_size_ratio": defaults.MAX_SIZE_RATIO,
+                                           "seed_schedule": SEED_SCHEDULE,
                                            "branch_schedule": BRANCH_SCHEDULE, "lr": _lr(cfg)},
               "scales": list(cfg["scales"]),
               "seed_share": cfg["seed_tokens"] / (cfg["seed_tokens"] + cfg["total_tokens"]),

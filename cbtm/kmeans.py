@@ -51,8 +51,12 @@ class BalancedKMeans:
     Parameters
     ----------
     n_clusters: number of clusters K.
-    balanced: exact balanced assignment (every cluster at most ceil(N / K) points) in each
-        iteration; False gives plain Lloyd k-means.
+    balanced: exact capacity-constrained assignment in each iteration (every cluster at most
+        ``capacity(N)`` points); False gives plain Lloyd k-means.
+    max_size_ratio: the capacity as a multiple of the mean size: at most
+        max(ceil(N / K), floor(max_size_ratio * N / K)) points per cluster. 1.0 (the default) is
+        exactly balanced, C-BTM's setting; a larger ratio lets clusters follow domains of unequal
+        size while still bounding each expert's share of the data.
     max_iter: Lloyd iterations (epochs over the chunks for a re-iterable chunk source).
     tol: stop when the squared centre shift is at most ``tol`` times the mean feature variance.
     init: "k-means++" or "random" (or an array (K, D) of initial centres).
@@ -71,13 +75,16 @@ class BalancedKMeans:
     """
 
     def __init__(self, n_clusters: int, balanced: bool = True, max_iter: int = MAX_ITER, tol: float = TOL,
-                 init=INIT, seed: int = 0, device: str = "cpu"):
+                 init=INIT, seed: int = 0, device: str = "cpu", max_size_ratio: float = 1.0):
         if int(n_clusters) != n_clusters or n_clusters < 1:
             raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}")
         if int(max_iter) != max_iter or max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
         if tol < 0:
             raise ValueError(f"tol must be >= 0, got {tol}")
+        if isinstance(max_size_ratio, bool) or not math.isfinite(max_size_ratio) or max_size_ratio < 1:
+            raise ValueError(f"max_size_ratio must be a finite number >= 1 (1 = exactly balanced), "
+                             f"got {max_size_ratio!r}")
         if isinstance(init, str) and init not in ("k-means++", "random"):
             raise ValueError(f"init must be 'k-means++', 'random' or an array, got {init!r}")
         self.n_clusters = int(n_clusters)
@@ -87,6 +94,7 @@ class BalancedKMeans:
         self.init = init
         self.seed = int(seed)
         self.device = str(device)
+        self.max_size_ratio = float(max_size_ratio)
 
     # ---------------------------------------------------------------------------------------
     # data handling
@@ -162,8 +170,12 @@ class BalancedKMeans:
     # ---------------------------------------------------------------------------------------
     # assignment and update
 
+    def capacity(self, n: int) -> int:
+        """Most points one cluster may hold in a balanced assignment of n points."""
+        return max(-(-n // self.n_clusters), math.floor(self.max_size_ratio * n / self.n_clusters))
+
     def _assign(self, X, centers, prices):
-        """labels of X under centers: exact balanced (capacity ceil(N/K)) or nearest centre."""
+        """labels of X under centers: exact capacity-constrained or nearest centre."""
         if self.balanced:
             return self._balanced_assign(X, centers, prices)
         labels, _ = ops.assign(X, centers)
@@ -171,7 +183,8 @@ class BalancedKMeans:
 
     def _balanced_assign(self, X, centers, prices):
         """ops.balanced_assign, keeping its statistics in ``solve_stats_``."""
-        labels, prices, self.solve_stats_ = ops.balanced_assign(X, centers, prices=prices, return_stats=True)
+        labels, prices, self.solve_stats_ = ops.balanced_assign(X, centers, self.capacity(X.shape[0]), prices=prices,
+                                                                return_stats=True)
         return labels, prices
 
     @staticmethod
@@ -390,7 +403,8 @@ class BalancedKMeans:
         c = np.asarray(ops.to_numpy(center), dtype=np.float32).reshape(-1)
         if c.shape != (self.n_features_in_,):
             raise ValueError(f"center: expected shape ({self.n_features_in_},), got {np.shape(center)}")
-        params = {"max_iter": self.max_iter, "tol": self.tol, "seed": self.seed, "device": self.device}
+        params = {"max_iter": self.max_iter, "tol": self.tol, "seed": self.seed, "device": self.device,
+                  "max_size_ratio": self.max_size_ratio}
         if isinstance(self.init, str):
             params["init"] = self.init
         return type(self).from_centers(
@@ -415,7 +429,7 @@ class BalancedKMeans:
             "format": _FORMAT,
             "params": {"n_clusters": self.n_clusters, "balanced": self.balanced, "max_iter": self.max_iter,
                        "tol": self.tol, "init": self.init if isinstance(self.init, str) else "array",
-                       "seed": self.seed},
+                       "seed": self.seed, "max_size_ratio": self.max_size_ratio},
             "n_features_in": int(self.n_features_in_),
             "inertia": float(self.inertia_),
             "n_iter": int(self.n_iter_),
@@ -456,8 +470,9 @@ class BalancedKMeans:
         return model
 
     def __repr__(self) -> str:
-        return (f"BalancedKMeans(n_clusters={self.n_clusters}, balanced={self.balanced}, max_iter={self.max_iter}, "
-                f"tol={self.tol}, seed={self.seed}, device={self.device!r})")
+        return (f"BalancedKMeans(n_clusters={self.n_clusters}, balanced={self.balanced}, "
+                f"max_size_ratio={self.max_size_ratio}, max_iter={self.max_iter}, tol={self.tol}, seed={self.seed}, "
+                f"device={self.device!r})")
 
 
 def _per_cluster(v, k: int, name: str, dtype, default) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbtm import cluster
+from cbtm import cluster, defaults
 from cbtm.cli import main
 from cbtm.corpus import default_corpus_path, read_documents
 from cbtm.rundir import RunDir
@@ -49,7 +49,25 @@ def test_fit_writes_router_and_manifest(fitted, shards):
     files = {p.name for p in (fitted / "router").iterdir()}
     assert files == {"embedder.json", "embedder.safetensors", "kmeans.json", "kmeans.safetensors"}
     sizes = m["cluster"]["sample_cluster_sizes"]
-    assert max(sizes) <= -(-sum(sizes) // 4)
+    assert m["cluster"]["max_size_ratio"] == defaults.MAX_SIZE_RATIO
+    assert max(sizes) <= max(-(-sum(sizes) // 4), int(defaults.MAX_SIZE_RATIO * sum(sizes) / 4))
+
+
+def test_exactly_balanced_fit_and_assign(shards, tmp_path):
+    """max_size_ratio=1 is C-BTM's exact balance: the sample and every shard split into ceil(n / K)."""
+    corpus, n_docs = shards
+    run = tmp_path / "run"
+    cluster.fit(str(corpus), run, k=4, sample=10_000, n_components=32, max_size_ratio=1.0, progress=False)
+    sizes = RunDir(run).manifest()["cluster"]["sample_cluster_sizes"]
+    assert max(sizes) == -(-sum(sizes) // 4)
+    s = cluster.assign(None, run, workers=1, progress=False)
+    per_shard = [json.loads(p.read_text()) for p in (run / "assignments").glob("*.json")]
+    assert s["capacity"] == sum(-(-m["documents"] // 4) for m in per_shard) and s["documents"] == n_docs
+    for m in per_shard:
+        by_cluster = {}
+        for key, n in m["sizes"].items():
+            by_cluster[key.split(":")[0]] = by_cluster.get(key.split(":")[0], 0) + n
+        assert max(by_cluster.values()) <= -(-m["documents"] // 4)
 
 
 def test_assign_balanced_report_and_resume(fitted, shards):
@@ -138,6 +156,12 @@ def test_cli_and_clear_errors(shards, tmp_path, capsys):
                  "--text-field", "body"]) == 2
     err = capsys.readouterr().err
     assert "fewer than k=2" in err and "missing field 'body'" in err and "part1.jsonl:1:" in err
+    for bad in ("0.5", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            main(["cluster", "fit", str(corpus / "part1.jsonl"), "--run", str(tmp_path / "r4"), "-k", "2",
+                  "--max-size-ratio", bad])
+        assert "--max-size-ratio" in capsys.readouterr().err
+    assert not (tmp_path / "r4").exists()
 
 
 def test_assign_ids_of_same_named_files_in_subfolders(tmp_path):

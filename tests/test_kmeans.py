@@ -1,4 +1,5 @@
 """cbtm.BalancedKMeans: objective, balance, agreement with scikit-learn, persistence, streaming."""
+import json
 import math
 
 import numpy as np
@@ -101,6 +102,44 @@ def test_balanced_sizes_within_capacity(rng, n, k):
         assert m.inertia_ == pytest.approx(ref_cost, rel=1e-5)
 
 
+@pytest.mark.parametrize("ratio", [1.0, 1.25, 1.5, 2.0])
+@pytest.mark.parametrize("n,k", [(1000, 10), (999, 7), (65, 64), (301, 4)])
+def test_size_ratio_bounds_sizes_and_is_exact(rng, ratio, n, k):
+    x, _ = mixture(rng, n, 4, 5, weights=[0.5, 0.3, 0.1, 0.05, 0.05])
+    m = BalancedKMeans(k, max_iter=10, seed=1, max_size_ratio=ratio).fit(x)
+    cap = max(math.ceil(n / k), math.floor(ratio * n / k))
+    assert m.capacity(n) == cap
+    counts = np.bincount(m.labels_, minlength=k)
+    assert counts.sum() == n and counts.max() <= cap
+    # labels_ is the exact capacity-constrained assignment of the final centres
+    _, ref_cost = ops.balanced_assign_ref(x, m.cluster_centers_, capacity=cap)
+    assert m.inertia_ == pytest.approx(ref_cost, rel=1e-5)
+
+
+def test_size_ratio_follows_unequal_groups(rng):
+    """Three well separated groups of 50%, 30%, 20%: exact balance (k=3) must cut the largest
+    group; a ratio of 1.5 (capacity 50%) lets every cluster be one group."""
+    x, cent = mixture(rng, 3000, 5, 3, weights=[0.5, 0.3, 0.2], spread=12.0)
+    truth = d64(x, cent).argmin(1)
+    purity = {}
+    for ratio in (1.0, 1.5):
+        lab = BalancedKMeans(3, seed=0, max_size_ratio=ratio).fit(x).labels_
+        purity[ratio] = sum(np.bincount(truth[lab == c]).max() for c in range(3)) / len(x)
+    assert purity[1.5] > 0.999
+    assert purity[1.0] < 0.9
+
+
+def test_size_ratio_at_least_k_is_plain_lloyd(rng):
+    """Capacity N: the constraint never binds, so the fit is plain k-means from the same start."""
+    x, _ = mixture(rng, 1200, 6, 4, weights=[0.55, 0.25, 0.15, 0.05])
+    init = x[:5].copy()
+    free = BalancedKMeans(5, init=init, max_iter=30, tol=0, max_size_ratio=5.0).fit(x)
+    plain = BalancedKMeans(5, balanced=False, init=init, max_iter=30, tol=0).fit(x)
+    np.testing.assert_allclose(free.cluster_centers_, plain.cluster_centers_, atol=1e-5)
+    assert free.inertia_ == pytest.approx(plain.inertia_, rel=1e-6)
+    np.testing.assert_allclose(free.prices_, 0.0)
+
+
 def test_unbalanced_matches_sklearn(rng):
     from sklearn.cluster import KMeans
 
@@ -165,7 +204,7 @@ def test_save_load_round_trip(tmp_path, rng):
     np.testing.assert_array_equal(m2.cluster_centers_, m.cluster_centers_)
     np.testing.assert_array_equal(m2.prices_, m.prices_)
     np.testing.assert_array_equal(m2.counts_, m.counts_)
-    assert m2.n_clusters == 12 and m2.balanced and m2.n_features_in_ == 7
+    assert m2.n_clusters == 12 and m2.balanced and m2.n_features_in_ == 7 and m2.max_size_ratio == 1.0
     assert m2.inertia_ == m.inertia_ and m2.inertia_history_ == m.inertia_history_
     fresh, _ = mixture(rng, 900, 7, 5)
     np.testing.assert_array_equal(m2.predict(fresh), m.predict(fresh))
@@ -175,6 +214,14 @@ def test_save_load_round_trip(tmp_path, rng):
     m3 = BalancedKMeans(3, init=x[:3], max_iter=2).fit(x)
     m3.save(tmp_path / "m3")
     np.testing.assert_array_equal(BalancedKMeans.load(tmp_path / "m3").cluster_centers_, m3.cluster_centers_)
+    # the size ratio travels with the model (and its capacity with it); older files mean 1.0
+    m4 = BalancedKMeans(4, max_iter=3, max_size_ratio=1.5).fit(x)
+    m4.save(tmp_path / "m4")
+    assert BalancedKMeans.load(tmp_path / "m4").capacity(1000) == 375
+    meta = json.loads((tmp_path / "m4" / "kmeans.json").read_text())
+    del meta["params"]["max_size_ratio"]
+    (tmp_path / "m4" / "kmeans.json").write_text(json.dumps(meta))
+    assert BalancedKMeans.load(tmp_path / "m4").capacity(1000) == 250
     with pytest.raises(FileNotFoundError):
         BalancedKMeans.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -280,7 +327,9 @@ def test_k_larger_than_n():
 
 def test_bad_params():
     for kw in ({"n_clusters": 0}, {"n_clusters": 2.5}, {"n_clusters": 2, "max_iter": 0},
-               {"n_clusters": 2, "tol": -1.0}, {"n_clusters": 2, "init": "kmeans"}):
+               {"n_clusters": 2, "tol": -1.0}, {"n_clusters": 2, "init": "kmeans"},
+               {"n_clusters": 2, "max_size_ratio": 0.9}, {"n_clusters": 2, "max_size_ratio": float("nan")},
+               {"n_clusters": 2, "max_size_ratio": float("inf")}, {"n_clusters": 2, "max_size_ratio": True}):
         with pytest.raises(ValueError):
             BalancedKMeans(**kw)
     x = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
