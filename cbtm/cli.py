@@ -346,8 +346,9 @@ def _merge_remove(a):
 
 def _merge_export(a):
     from .experts import export
+    from .router import Router
 
-    print(export(a.run, a.to, a.top_k, a.temperature))
+    print(export(a.run, a.to, a.top_k, a.temperature, router=Router.load(a.run).routing))
 
 
 def _merge_export_moe(a):

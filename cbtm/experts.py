@@ -94,13 +94,18 @@ def remove_expert(run, expert_id: int) -> None:
     run.set_experts(left)
 
 
-def export(run, path, top_k: int | None = defaults.TOP_K, temperature: float = defaults.TEMPERATURE) -> Path:
-    """A self-describing JSON manifest of the ensemble (experts, router files, routing settings)."""
+def export(run, path, top_k: int | None = defaults.TOP_K, temperature: float = defaults.TEMPERATURE,
+           router: str | None = None) -> Path:
+    """A self-describing JSON manifest of the ensemble (experts, router files, routing settings).
+    ``router``: how it routes, "prefix" or "distance" (``Router.load(run).routing``; default:
+    "prefix" when the run has a prefix router file, current or not)."""
     from . import __version__
 
+    if router not in (None, "prefix", "distance"):
+        raise ValueError(f"router must be 'prefix' or 'distance', got {router!r}")
     run = RunDir.of(run)
     entries = trained_entries(run)
-    prefix = (run.router / "prefix.json").is_file()
+    prefix = (run.router / "prefix.json").is_file() if router is None else router == "prefix"
     weights = ("softmax(coef @ e + intercept) of router/prefix.safetensors while it matches the run's centres "
                "and assignments, else softmax(-||e - c_j||^2 / T); top-k renormalised" if prefix
                else "softmax(-||e - c_j||^2 / T), top-k renormalised")

@@ -434,6 +434,10 @@ def test_btm_merge_operations(run, tmp_path, texts):
             assert torch.allclose(t, want, atol=1e-6), name
     assert (avg_dir / "tokenizer.json").is_file()
 
+    from cbtm.router import fit_prefix_router
+
+    fit_prefix_router(work, max_documents=200, cuts=2, progress=False)
+    assert Ensemble.load(work).router.routing == "prefix"
     new = merge.add_expert(work, work / "experts/expert_001", texts[:2])
     assert new == K
     ens = Ensemble.load(work, top_k=2)
@@ -448,6 +452,9 @@ def test_btm_merge_operations(run, tmp_path, texts):
     assert main(["merge", "export", "--out", str(work), "--to", str(tmp_path / "ens.json")]) == 0
     spec = json.loads((tmp_path / "ens.json").read_text())
     assert [x["id"] for x in spec["experts"]] == [1, 2, K] and spec["routing"]["top_k"] == 2
+    # the added expert made the prefix router stale: the ensemble routes by distance, and says so
+    assert (work / "router" / "prefix.json").is_file() and Ensemble.load(work).router.routing == "distance"
+    assert spec["routing"]["router"] == "distance" and spec["routing"]["weights"].startswith("softmax(-||e")
 
 
 def test_run_directory_is_untrusted_input(run, tmp_path, texts):
