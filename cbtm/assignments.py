@@ -56,8 +56,17 @@ def read_assignments(run) -> list[dict]:
     return recs
 
 
+READ_OPTIONS = ("text_field", "id_field", "text_mode")  # how a run reads its corpus (read_documents' arguments)
+
+
+def read_options(settings: dict) -> dict:
+    """The ``read_documents`` keyword arguments of a run's corpus settings."""
+    return {key: settings[key] for key in READ_OPTIONS}
+
+
 def corpus_settings(run) -> dict:
-    """Corpus paths, text/id fields and the number of clusters ``k`` of a run with assignments."""
+    """Corpus paths, how to read it (``READ_OPTIONS``) and the number of clusters ``k`` of a run with
+    assignments."""
     run = RunDir.of(run)
     m = run.manifest()
     a = m.get("assignments") or {}
@@ -71,7 +80,8 @@ def corpus_settings(run) -> dict:
     if missing:
         raise FileNotFoundError(f"{run.manifest_path}: the assignments section lacks {missing}: "
                                 "rerun `cbtm cluster assign`")
-    return {"paths": list(paths), "k": int(a["k"]), "text_field": a["text_field"], "id_field": a["id_field"]}
+    return {"paths": list(paths), "k": int(a["k"]), "text_field": a["text_field"], "id_field": a["id_field"],
+            "text_mode": a.get("text_mode", "file")}
 
 
 def read_records(run) -> dict[str, tuple[int, str]]:
@@ -94,11 +104,13 @@ def num_clusters(run, records: dict | None = None) -> int:
 
 
 def write_assignments(run, records: Iterable[dict], corpus=None, *, k: int | None = None, name: str = "custom",
-                      text_field: str = "text", id_field: str = "id", source: str = "custom") -> dict:
+                      text_field: str = "text", id_field: str = "id", text_mode: str = "file",
+                      source: str = "custom") -> dict:
     """Write a run's assignments from ``records`` (dicts with ``id``, ``cluster``, ``split``) so any
     grouping of documents (random, gold labels, one dense cluster) trains like a clustering.
 
-    ``corpus`` defaults to the embedded corpus. Replaces the run's assignment list in the manifest.
+    ``corpus`` defaults to the embedded corpus; ``text_field``, ``id_field``, ``text_mode``: how
+    later stages read it (see ``read_documents``). Replaces the run's assignment list in the manifest.
     """
     run = RunDir.of(run)
     paths = corpus_paths(corpus)
@@ -116,7 +128,7 @@ def write_assignments(run, records: Iterable[dict], corpus=None, *, k: int | Non
     summary = {"shard_keys": [name], "k": k, "source": source, "documents": len(lines),
                "train_sizes": [sizes[(c, "train")] for c in range(k)],
                "valid_sizes": [sizes[(c, "valid")] for c in range(k)],
-               "text_field": text_field, "id_field": id_field}
+               "text_field": text_field, "id_field": id_field, "text_mode": text_mode}
     run.update(assignments=summary, corpus={"paths": paths, "fingerprint": fingerprint(paths)})
     return summary
 
@@ -147,7 +159,7 @@ def iter_assigned(run, want: set[tuple[int, str]] | None = None,
     records = read_records(run) if records is None else records
     expected = sum(1 for v in records.values() if want is None or v in want)
     seen: set[str] = set()
-    for doc in read_documents(s["paths"], text_field=s["text_field"], id_field=s["id_field"]):
+    for doc in read_documents(s["paths"], **read_options(s)):
         key = records.get(doc.id)
         if key is None or (want is not None and key not in want) or doc.id in seen:
             continue

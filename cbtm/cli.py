@@ -96,7 +96,8 @@ def _cluster_fit(a):
 
     cluster.fit(a.corpus or None, a.run, a.k, sample=a.sample, n_components=a.n_components, seed=a.seed,
                 balanced=not a.unbalanced, max_size_ratio=a.max_size_ratio, max_iter=a.max_iter,
-                text_field=a.text_field, id_field=a.id_field, valid_fraction=a.valid_fraction, force=a.force)
+                text_field=a.text_field, id_field=a.id_field, text_mode=a.text_mode, valid_fraction=a.valid_fraction,
+                force=a.force)
 
 
 def _cluster_assign(a):
@@ -141,6 +142,9 @@ def _add_cluster(sub) -> None:
                         f"(default {defaults.MAX_SIZE_RATIO}: clusters follow domains of unequal size)")
     f.add_argument("--text-field", default="text")
     f.add_argument("--id-field", default="id")
+    f.add_argument("--text-mode", choices=("file", "blocks"), default="file",
+                   help="plain-text files (.txt): each file one document, or each blank-line-separated block "
+                        "(every later stage reads the corpus the same way)")
     f.add_argument("--valid-fraction", type=float, default=defaults.VALID_FRACTION,
                    help="documents held out for validation")
     f.add_argument("--force", action="store_true",

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from . import defaults
-from .assignments import corpus_paths, read_assignments
+from .assignments import corpus_paths, read_assignments, read_options
 from .corpus import CorpusReport, check_unique_ids, corpus_root, fingerprint, list_shards, read_documents, split_of
 from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
@@ -58,13 +58,15 @@ def _router_fingerprint(run: RunDir) -> str:
 def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defaults.SAMPLE,
         n_components: int = defaults.N_COMPONENTS, seed: int = defaults.SPLIT_SEED, balanced: bool = True,
         max_size_ratio: float = defaults.MAX_SIZE_RATIO, max_iter: int = defaults.MAX_ITER, text_field: str = "text",
-        id_field: str = "id",
+        id_field: str = "id", text_mode: str = "file",
         valid_fraction: float = defaults.VALID_FRACTION, embedder: TfidfEmbedder | None = None,
         force: bool = False, progress: bool = True) -> dict:
     """Fit the embedder and BalancedKMeans on up to ``sample`` training documents (reservoir
     sample, seeded) and write them to ``out/router`` with the manifest. Returns a summary dict.
     ``max_size_ratio``: a cluster holds at most this multiple of N / K documents (1 = exactly
-    balanced, as in C-BTM; see ``defaults.MAX_SIZE_RATIO``).
+    balanced, as in C-BTM; see ``defaults.MAX_SIZE_RATIO``). ``text_field``, ``id_field``,
+    ``text_mode``: how to read the corpus (``read_documents``), kept in the manifest for every
+    later stage.
     ``embedder``: reuse a fitted embedder (e.g. another run's, to compare several k) instead of
     fitting one. A run that already has assignments or experts is refitted only with ``force``,
     which drops them from the manifest (their files stay): they belong to the old router and split."""
@@ -89,7 +91,7 @@ def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defau
     rng = random.Random(seed)
     texts: list[str] = []
     n_train = 0
-    docs = read_documents(paths, text_field=text_field, id_field=id_field, report=report)
+    docs = read_documents(paths, text_field=text_field, id_field=id_field, text_mode=text_mode, report=report)
     for doc in tqdm(docs, desc="reading corpus", unit="doc", disable=not progress):
         if split_of(doc.id, valid_fraction, seed) != "train":
             continue
@@ -126,7 +128,8 @@ def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defau
         "k": int(k), "balanced": bool(balanced), "max_size_ratio": km.max_size_ratio, "seed": int(seed),
         "n_components": int(n_components),
         "sample": len(texts), "train_documents": n_train, "valid_fraction": valid_fraction,
-        "text_field": text_field, "id_field": id_field, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
+        "text_field": text_field, "id_field": id_field, "text_mode": text_mode, "inertia": float(km.inertia_),
+        "n_iter": int(km.n_iter_),
         "sample_cluster_sizes": sizes, "skipped_lines": report.n_skipped, "seconds": round(time.perf_counter() - t0, 2),
     }
     run.update(cluster=summary, corpus={"paths": paths, "fingerprint": fingerprint(paths)},
@@ -173,8 +176,7 @@ def _assign_shard(run_path: str, shard: str, opts: dict) -> dict:
     report = CorpusReport()
     docs, parts = [], []
     batch: list = []
-    for doc in read_documents(shard, text_field=opts["text_field"], id_field=opts["id_field"], report=report,
-                              root=opts["root"]):
+    for doc in read_documents(shard, **read_options(opts), report=report, root=opts["root"]):
         batch.append(doc)
         if len(batch) >= _BATCH:
             parts.append(embedder.transform([d.text for d in batch]))  # (b, n_components)
@@ -229,11 +231,12 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
     cfg = manifest.get("cluster")
     if cfg is None:
         raise FileNotFoundError(f"{run.manifest_path} has no fitted router: run `cbtm cluster fit` first")
+    reading = read_options({"text_mode": "file", **cfg})  # runs fitted before text_mode was recorded read files
     paths = corpus_paths(corpus if corpus is not None else manifest.get("corpus", {}).get("paths"))
     shards = list_shards(paths)
     root = str(corpus_root(paths))
     if fingerprint(paths) != (manifest.get("corpus") or {}).get("fingerprint"):
-        check_unique_ids(paths, text_field=cfg["text_field"], id_field=cfg["id_field"])  # fit checked its corpus
+        check_unique_ids(paths, **reading)  # fit checked its corpus
     router_fp = _router_fingerprint(run)
     run.assignments.mkdir(parents=True, exist_ok=True)
     todo, done = [], []
@@ -245,8 +248,7 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
         else:
             todo.append((str(shard), state))
     base = {"balanced": balanced, "write_docs": write_docs, "label_field": label_field, "root": root,
-            "text_field": cfg["text_field"], "id_field": cfg["id_field"],
-            "valid_fraction": cfg["valid_fraction"], "seed": cfg["seed"]}
+            **reading, "valid_fraction": cfg["valid_fraction"], "seed": cfg["seed"]}
     bar = tqdm(total=len(shards), initial=len(done), desc="assigning shards", unit="shard", disable=not progress)
     results = list(done)
     if todo:
@@ -277,8 +279,7 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
                "skipped_lines": int(sum(r["skipped_lines"] for r in results)), "balanced": balanced,
                "backend": backend, "train_sizes": sizes[:, 0].tolist(), "valid_sizes": sizes[:, 1].tolist(),
                "label_field": label_field, "write_docs": write_docs, "k": int(k),
-               "text_field": cfg["text_field"], "id_field": cfg["id_field"],
-               "valid_fraction": cfg["valid_fraction"], "seed": cfg["seed"],
+               **reading, "valid_fraction": cfg["valid_fraction"], "seed": cfg["seed"],
                "shard_keys": [shard_key(s) for s in shards], "seconds": round(time.perf_counter() - t0, 2)}
     run.update(assignments=summary)
     if progress:

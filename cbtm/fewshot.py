@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from . import defaults
-from .assignments import corpus_paths, corpus_settings, read_records
+from .assignments import corpus_paths, corpus_settings, read_options, read_records
 from .corpus import read_documents, split_of
 from .ensemble import Ensemble, mix
 from .rundir import RunDir, atomic_write_text
@@ -44,7 +44,7 @@ def build_source_task(run_or_corpus=None, out: str | Path = SOURCE_TASK, per_lab
     if run_or_corpus is not None and RunDir(run_or_corpus).exists():
         settings = corpus_settings(run_or_corpus)
         valid = {i for i, (_, split) in read_records(run_or_corpus).items() if split == "valid"}
-        docs = read_documents(settings["paths"], text_field=settings["text_field"], id_field=settings["id_field"])
+        docs = read_documents(settings["paths"], **read_options(settings))
     else:
         docs = read_documents(corpus_paths(run_or_corpus))
         valid = None

@@ -215,8 +215,7 @@ def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weight
     def save(tmp: str) -> None:
         dst = RunDir(tmp)
         assignments.write_assignments(dst, assignments.dense_records(run), s["paths"], k=1, name="dense",
-                                      text_field=s["text_field"], id_field=s["id_field"],
-                                      source=f"MoE of {run.path}")
+                                      **assignments.read_options(s), source=f"MoE of {run.path}")
         tokens.copy_tokenizer(run, dst)
 
         def write_model(out: str) -> None:
@@ -268,7 +267,7 @@ def train_moe(moe_run, out, total_tokens: int, *, router_only: bool = False,
     out.update(mix={"moe_run": mix["moe_run"]})  # the directory is this MiX run's from now on
     s = assignments.corpus_settings(moe_run)
     assignments.write_assignments(out, assignments.dense_records(moe_run), s["paths"], k=1, name="dense",
-                                  text_field=s["text_field"], id_field=s["id_field"], source=f"MiX of {moe_run.path}")
+                                  **assignments.read_options(s), source=f"MiX of {moe_run.path}")
     if not (out.tokenizer / "tokenizer_config.json").is_file():
         tokens.copy_tokenizer(moe_run, out)
     if not (out.seed / "config.json").is_file() or models.weights_digest(out.seed) != digest:

@@ -194,3 +194,31 @@ def test_manifest_names_the_corpus_by_absolute_path(shards, tmp_path, monkeypatc
     assert RunDir(run).manifest()["corpus"]["paths"] == [str(corpus)]
     monkeypatch.chdir(tmp_path)
     assert sum(1 for _ in iter_documents(run)) == n_docs
+
+
+def test_text_blocks_mode_reaches_every_stage(tmp_path, capsys):
+    """`cluster fit --text-mode blocks`: every stage reads each blank-line-separated block of the
+    .txt files as one document (assign used to read each whole file as one)."""
+    from cbtm.assignments import corpus_settings, dense_records, iter_assigned, read_options, write_assignments
+
+    docs = list(islice(read_documents(default_corpus_path()), 0, 1800, 10))
+    blocks = [" ".join(d.text.split()) for d in docs]
+    (tmp_path / "corpus").mkdir()
+    for f in range(3):
+        (tmp_path / "corpus" / f"part{f}.txt").write_text("\n\n".join(blocks[f::3]) + "\n")
+    run = tmp_path / "run"
+    assert main(["cluster", "fit", str(tmp_path / "corpus"), "--run", str(run), "-k", "3", "--n-components", "16",
+                 "--text-mode", "blocks"]) == 0
+    assert main(["cluster", "assign", "--run", str(run)]) == 0
+    capsys.readouterr()
+    assert RunDir(run).manifest()["assignments"]["documents"] == len(blocks)
+    assert corpus_settings(run)["text_mode"] == "blocks"
+    assert sorted(text for _, _, _, text in iter_assigned(run)) == sorted(blocks)
+    # a dense run made like it (train dense --like, the MoE and MiX runs) reads it the same way
+    s = corpus_settings(run)
+    write_assignments(tmp_path / "dense", dense_records(run), s["paths"], k=1, **read_options(s))
+    assert sorted(text for _, _, _, text in iter_assigned(tmp_path / "dense")) == sorted(blocks)
+    with pytest.raises(SystemExit):
+        main(["cluster", "fit", str(tmp_path / "corpus"), "--run", str(tmp_path / "r2"), "-k", "3",
+              "--text-mode", "lines"])
+    assert "--text-mode" in capsys.readouterr().err

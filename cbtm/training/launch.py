@@ -244,8 +244,7 @@ def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fractio
             raise ValueError("the dense run needs its own directory, not the clustered run's")
         s = assignments.corpus_settings(like)
         assignments.write_assignments(out, assignments.dense_records(like), s["paths"], k=1, name="dense",
-                                      text_field=s["text_field"], id_field=s["id_field"],
-                                      source=f"dense, like {like.path}")
+                                      **assignments.read_options(s), source=f"dense, like {like.path}")
         if not (out.tokenizer / "tokenizer_config.json").is_file():
             tokens.ensure_tokenizer(like, seed_model, vocab_size, kwargs.get("progress", True))
             tokens.copy_tokenizer(like, out)
