@@ -60,8 +60,9 @@ READ_OPTIONS = ("text_field", "id_field", "text_mode")  # how a run reads its co
 
 
 def read_options(settings: dict) -> dict:
-    """The ``read_documents`` keyword arguments of a run's corpus settings."""
-    return {key: settings[key] for key in READ_OPTIONS}
+    """The ``read_documents`` keyword arguments of a run's corpus settings (a manifest section written
+    before ``text_mode`` was recorded read plain-text files whole)."""
+    return {"text_mode": "file", **{key: settings[key] for key in READ_OPTIONS if key in settings}}
 
 
 def corpus_settings(run) -> dict:
@@ -80,8 +81,7 @@ def corpus_settings(run) -> dict:
     if missing:
         raise FileNotFoundError(f"{run.manifest_path}: the assignments section lacks {missing}: "
                                 "rerun `cbtm cluster assign`")
-    return {"paths": list(paths), "k": int(a["k"]), "text_field": a["text_field"], "id_field": a["id_field"],
-            "text_mode": a.get("text_mode", "file")}
+    return {"paths": list(paths), "k": int(a["k"]), **read_options(a)}
 
 
 def read_records(run) -> dict[str, tuple[int, str]]:

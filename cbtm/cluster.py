@@ -231,7 +231,7 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
     cfg = manifest.get("cluster")
     if cfg is None:
         raise FileNotFoundError(f"{run.manifest_path} has no fitted router: run `cbtm cluster fit` first")
-    reading = read_options({"text_mode": "file", **cfg})  # runs fitted before text_mode was recorded read files
+    reading = read_options(cfg)
     paths = corpus_paths(corpus if corpus is not None else manifest.get("corpus", {}).get("paths"))
     shards = list_shards(paths)
     root = str(corpus_root(paths))
