@@ -30,7 +30,7 @@ from . import defaults
 from .assignments import corpus_paths, read_assignments, read_options
 from .corpus import CorpusReport, check_unique_ids, corpus_root, fingerprint, list_shards, read_documents, split_of
 from .embed import TfidfEmbedder
-from .kmeans import BalancedKMeans
+from .kmeans import BalancedKMeans, capacity
 from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
 
 _BATCH = 4096  # documents embedded and assigned at once
@@ -268,14 +268,13 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
                     bar.update()
     bar.close()
     k = cfg["k"]
-    capacity = BalancedKMeans(k, max_size_ratio=cfg.get("max_size_ratio", 1.0)).capacity
     sizes = np.zeros((k, 2), np.int64)  # (cluster, train/valid)
     for r in results:
         for key, n in r["sizes"].items():
             c, split = key.split(":")
             sizes[int(c), 0 if split == "train" else 1] += n
     summary = {"shards": len(shards), "resumed": len(done), "documents": int(sizes.sum()),
-               "capacity": int(sum(capacity(r["documents"]) for r in results)),
+               "capacity": int(sum(capacity(r["documents"], k, cfg.get("max_size_ratio", 1.0)) for r in results)),
                "skipped_lines": int(sum(r["skipped_lines"] for r in results)), "balanced": balanced,
                "backend": backend, "train_sizes": sizes[:, 0].tolist(), "valid_sizes": sizes[:, 1].tolist(),
                "label_field": label_field, "write_docs": write_docs, "k": int(k),

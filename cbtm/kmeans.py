@@ -172,7 +172,7 @@ class BalancedKMeans:
 
     def capacity(self, n: int) -> int:
         """Most points one cluster may hold in a balanced assignment of n points."""
-        return max(-(-n // self.n_clusters), math.floor(self.max_size_ratio * n / self.n_clusters))
+        return capacity(n, self.n_clusters, self.max_size_ratio)
 
     def _assign(self, X, centers, prices):
         """labels of X under centers: exact capacity-constrained or nearest centre."""
@@ -473,6 +473,11 @@ class BalancedKMeans:
         return (f"BalancedKMeans(n_clusters={self.n_clusters}, balanced={self.balanced}, "
                 f"max_size_ratio={self.max_size_ratio}, max_iter={self.max_iter}, tol={self.tol}, seed={self.seed}, "
                 f"device={self.device!r})")
+
+
+def capacity(n: int, k: int, max_size_ratio: float = 1.0) -> int:
+    """Most of n points one of k clusters may hold: max(ceil(n / k), floor(max_size_ratio * n / k))."""
+    return max(-(-n // k), math.floor(max_size_ratio * n / k))
 
 
 def _per_cluster(v, k: int, name: str, dtype, default) -> np.ndarray:
