@@ -54,3 +54,26 @@ def test_import_and_cluster_cli_do_not_import_torch():
 def test_lazy_exports_resolve():
     assert cbtm.BalancedKMeans.__name__ == "BalancedKMeans" and cbtm.Ensemble.__name__ == "Ensemble"
     assert {"BalancedKMeans", "Ensemble", "Router", "TfidfEmbedder", "ops"} <= set(dir(cbtm))
+
+
+def test_the_kernels_folder_does_not_shadow_an_installed_kernels_package_from_a_clone():
+    """Run from the source tree (``python -m pytest``, ``python -m cbtm.cli``), the folder
+    ``kernels/`` (cbtm.kernels) is on sys.path as a top-level ``kernels``: transformers, which
+    imports Hugging Face's ``kernels`` when it is installed, must still get that package."""
+    import importlib.util
+
+    import pytest
+
+    tree = PKG.parent
+    if not (tree / "kernels" / "__init__.py").is_file():
+        pytest.skip("cbtm is not installed from a source tree")
+    others = [p for p in sys.path if Path(p or ".").resolve() != tree.resolve()]
+    if importlib.machinery.PathFinder.find_spec("kernels", others) is None:
+        pytest.skip("no other package named kernels is installed")
+    code = ("import kernels, cbtm.kernels, transformers.activations; "
+            "print(kernels.__file__); print(cbtm.kernels.weighted_logsumexp.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    installed, ours = out.stdout.split()
+    assert not Path(installed).resolve().is_relative_to(tree.resolve())
+    assert ours == "cbtm.kernels.mixture"
