@@ -30,6 +30,7 @@ from cbtm.rundir import RunDir  # noqa: E402
 
 # tiny jobs: 32-token rows, 4 per step (128 tokens per step), one thread for bitwise determinism
 FAST = dict(seq_len=32, batch_size=4, eval_every=4, eval_tokens=1024, ckpt_every=4, threads=1, progress=False)
+JOB = {k: v for k, v in FAST.items() if k not in ("threads", "progress")}  # a train_runs request's settings
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +276,47 @@ def test_local_backend_runs_experts_in_parallel_processes(trained, base_run, tmp
     assert [e["status"] for e in summary["experts"]] == ["done", "done"]
     for i in (0, 1):
         assert same(weights(ref / "experts" / f"expert_00{i}"), weights(run / "experts" / f"expert_00{i}"))
+
+
+def test_train_runs_pools_several_runs_and_gives_each_the_weights_of_its_own_training(trained, base_run, tmp_path):
+    """Two runs and a dense baseline in one pool of 2 processes: every model is bitwise the one the
+    same job trains alone (a job is a pure function of its spec), and each manifest records its own."""
+    ref, _ = trained
+    a, b = fresh(base_run, tmp_path, "a"), fresh(base_run, tmp_path, "b")
+    alone = training.train_dense(tmp_path / "dense-alone", 2000, like=ref, vocab_size=512, **FAST)
+    dense = training.prepare_dense(tmp_path / "dense", like=ref, vocab_size=512, progress=False)
+    summaries = training.train_runs([dict(run=a, total_tokens=3001, vocab_size=512, **JOB),
+                                     dict(run=dense, total_tokens=2000, vocab_size=512, **JOB),
+                                     dict(run=b, total_tokens=3001, experts=[1], vocab_size=512, **JOB)],
+                                    parallel=2, threads=1, progress=False)
+    assert [s["run"] for s in summaries] == [str(a), str(dense.path), str(b)]
+    assert [[e["id"] for e in s["experts"]] for s in summaries] == [[0, 1], [0], [1]]
+    assert all(e["status"] == "done" for s in summaries for e in s["experts"])
+    for i in (0, 1):
+        assert same(weights(ref / "experts" / f"expert_00{i}"), weights(a / "experts" / f"expert_00{i}"))
+    assert same(weights(ref / "experts" / "expert_001"), weights(b / "experts" / "expert_001"))
+    assert not (b / "experts" / "expert_000").exists()  # only the experts asked for
+    assert alone["experts"][0]["tokens_trained"] == summaries[1]["experts"][0]["tokens_trained"] == 2000
+    assert same(weights(tmp_path / "dense-alone" / "experts" / "expert_000"), weights(dense.path / "experts" / "expert_000"))
+    pids = {json.loads((r / "logs" / f"expert_00{i}.json").read_text())["last_session"]["pid"]
+            for r, i in ((a, 0), (a, 1), (dense.path, 0), (b, 1))}
+    assert os.getpid() not in pids  # worker processes, not the caller
+
+
+def test_train_runs_checks_every_request_before_training_any(base_run, tmp_path):
+    a, b = fresh(base_run, tmp_path, "a"), fresh(base_run, tmp_path, "b")
+    ok = dict(run=a, total_tokens=3001, vocab_size=512, **JOB)
+    with pytest.raises(ValueError, match="experts \\[5\\] do not exist"):
+        training.train_runs([ok, dict(run=b, total_tokens=3001, experts=[5], vocab_size=512, **JOB)], progress=False)
+    assert not (a / "experts").exists() and not (a / "logs").exists()
+    with pytest.raises(ValueError, match="requested twice"):
+        training.train_runs([ok, dict(ok)], progress=False)
+    with pytest.raises(ValueError, match="missing \\['total_tokens'\\]"):
+        training.train_runs([dict(run=a)], progress=False)
+    with pytest.raises(TypeError, match="unknown training settings \\['lr_peak'\\]"):
+        training.train_runs([dict(ok, lr_peak=1e-3)], progress=False)
+    with pytest.raises(ValueError, match="parallel must be a positive integer"):
+        training.train_runs([ok], parallel=0, progress=False)
 
 
 def test_dense_baseline_is_compute_matched(trained, tmp_path):

@@ -8,7 +8,8 @@ Modules, each depending only on those above it:
 - ``checkpoint``: atomic safetensors + JSON checkpoints, verified on load
 - ``job``: one job (a model trained on some clusters to a token budget), resumable
 - ``plan``: a run's jobs, tokenizer, token caches, seed, and the manifest's statuses
-- ``launch``: :func:`train_experts` (local, worker processes, torchrun, Ray) and :func:`train_dense`
+- ``launch``: :func:`train_experts` (local, worker processes, torchrun, Ray), :func:`train_runs`
+  (several runs in one pool of worker processes) and :func:`train_dense`
 
 Compute matching: with ``total_tokens=T`` and k clusters, expert i trains on exactly
 ``T // k (+1 for the first T % k)`` tokens, so the experts' token counts sum to T; the dense
@@ -20,7 +21,8 @@ import importlib
 _EXPORTS = {"CheckpointError": "checkpoint", "list_checkpoints": "checkpoint", "load_checkpoint": "checkpoint",
             "save_checkpoint": "checkpoint", "SEED_KEY": "config", "TrainConfig": "config", "lr_factor": "config",
             "make_config": "config", "split_budget": "config", "run_job": "job", "BACKENDS": "launch",
-            "TrainingFailed": "launch", "train_dense": "launch", "train_experts": "launch", "Trainer": "trainer"}
+            "TrainingFailed": "launch", "prepare_dense": "launch", "train_dense": "launch", "train_experts": "launch",
+            "train_runs": "launch", "Trainer": "trainer"}
 
 __all__ = sorted(_EXPORTS)
 

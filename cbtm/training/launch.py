@@ -71,21 +71,74 @@ def train_experts(run, total_tokens: int, *, model_size: str = "tiny", seed_mode
         _launch_torchrun(run, kwargs, nproc_per_node, progress)
     elif backend == "ray":
         _dispatch_ray(run, jobs, ray_address, num_cpus, num_gpus, retries, threads, progress)
-    elif parallel > 1:
-        _dispatch_pool(run, jobs, parallel, device, threads, progress)
     else:
-        for spec in jobs:
-            run_recorded(run, spec, device=device, threads=threads, progress=progress, callback=callback)
+        _train_local([(run, jobs)], parallel, device, threads, progress, callback)
     summary = run_summary(run, names)
-    failed = [e for e in summary["experts"] if e["status"] != "done"]
-    if (summary["seed"] or {}).get("status") == "failed":
-        raise TrainingFailed(f"the seed phase failed: {summary['seed'].get('error')}")
-    if failed:
-        raise TrainingFailed("experts failed: " + "; ".join(f"{expert_name(e['id'])}: {e.get('error', e['status'])}"
-                                                            for e in failed))
+    _raise_failures([summary])
     if progress:
         print_summary(summary)
     return summary
+
+
+def train_runs(requests: Sequence[dict], *, parallel: int = 1, device: str | None = None, threads: int | None = None,
+               progress: bool = True) -> list[dict]:
+    """Several runs' experts in one pool of ``parallel`` worker processes (local backend), longest
+    jobs first, so no core idles between runs (the demo's layout: every compared run and the dense
+    baseline on 2 CPU cores). Each request holds :func:`train_experts`'s arguments for one run:
+    ``run``, ``total_tokens`` and any of ``model_size``, ``seed_model``, ``seed_tokens``,
+    ``experts``, ``vocab_size``, ``restart``, ``config`` and TrainConfig fields. Every run is planned
+    (and validated) before any job starts; seed phases run in process before the experts. Rerunning
+    resumes.
+    Returns each run's summary, in order; raises TrainingFailed when any job failed."""
+    if int(parallel) != parallel or parallel < 1:
+        raise ValueError("parallel must be a positive integer")
+    planned = []
+    for request in requests:
+        r = dict(request)
+        missing = {"run", "total_tokens"} - set(r)
+        if missing:
+            raise ValueError(f"every request needs run and total_tokens; missing {sorted(missing)}")
+        run = RunDir.of(r.pop("run"))
+        if any(run.path.resolve() == p.path.resolve() for p, _ in planned):
+            raise ValueError(f"{run.path} is requested twice")
+        plan = {key: r.pop(key, default) for key, default in
+                (("model_size", "tiny"), ("seed_model", None), ("seed_tokens", 0), ("experts", None),
+                 ("vocab_size", None), ("restart", False))}
+        total = r.pop("total_tokens")
+        cfg = make_config(r.pop("config", None), r)
+        jobs, _ = plan_jobs(run, total_tokens=total, **plan, cfg=cfg, progress=progress, write=True)
+        planned.append((run, jobs))
+    _train_local(planned, parallel, device, threads, progress, None)
+    summaries = [run_summary(run, [j["name"] for j in jobs]) for run, jobs in planned]
+    _raise_failures(summaries)
+    return summaries
+
+
+def _raise_failures(summaries: Sequence[dict]) -> None:
+    """TrainingFailed naming every failed seed phase, else every expert not done, of the summaries' runs."""
+    seeds, experts = [], []
+    for s in summaries:
+        where = f"{s['run']}: " if len(summaries) > 1 else ""
+        if (s["seed"] or {}).get("status") == "failed":
+            seeds.append(f"{where}{s['seed'].get('error')}")
+        experts += [f"{where}{expert_name(e['id'])}: {e.get('error', e['status'])}"
+                    for e in s["experts"] if e["status"] != "done"]
+    if seeds:
+        raise TrainingFailed("the seed phase failed: " + "; ".join(seeds))
+    if experts:
+        raise TrainingFailed("experts failed: " + "; ".join(experts))
+
+
+def _train_local(planned: Sequence[tuple[RunDir, list[dict]]], parallel: int, device, threads, progress,
+                 callback) -> None:
+    """The planned jobs of one or more runs: seed phases first (in process), then the experts in
+    process (``parallel`` 1) or in a pool of ``parallel`` worker processes."""
+    if parallel > 1:
+        _dispatch_pool(planned, parallel, device, threads, progress)
+        return
+    for run, jobs in planned:
+        for spec in jobs:
+            run_recorded(run, spec, device=device, threads=threads, progress=progress, callback=callback)
 
 
 def run_recorded(run: RunDir, spec: dict, **kwargs) -> dict:
@@ -163,8 +216,9 @@ def _pool_job(run_path: str, spec: dict, device: str | None, threads: int | None
         slots.put(slot)
 
 
-def _dispatch_pool(run: RunDir, jobs: list[dict], parallel: int, device, threads, progress) -> None:
-    """``parallel`` worker processes, each pinned to one GPU (or to cores/parallel CPU threads)."""
+def _dispatch_pool(planned: Sequence[tuple[RunDir, list[dict]]], parallel: int, device, threads, progress) -> None:
+    """``parallel`` worker processes, each pinned to one GPU (or to cores/parallel CPU threads), running
+    the experts of every planned run, the largest token budgets first; seed phases run before, in process."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -172,20 +226,22 @@ def _dispatch_pool(run: RunDir, jobs: list[dict], parallel: int, device, threads
         raise ValueError(f"parallel={parallel} but only {torch.cuda.device_count()} GPUs are visible")
     threads = threads or max(1, (os.cpu_count() or 1) // parallel)
     ctx = mp.get_context("spawn")
-    seed = [j for j in jobs if j["expert"] is None]
-    for spec in seed:
-        run_recorded(run, spec, device=device, threads=None, progress=progress)
+    for run, jobs in planned:
+        for spec in jobs:
+            if spec["expert"] is None:
+                run_recorded(run, spec, device=device, threads=None, progress=progress)
+    experts = [(run, spec) for run, jobs in planned for spec in jobs if spec["expert"] is not None]
+    experts.sort(key=lambda job: -job[1]["tokens"])  # longest first: the last jobs to finish are short
     with ctx.Manager() as manager, ProcessPoolExecutor(parallel, mp_context=ctx) as pool:
         slots = manager.Queue()
         for i in range(parallel):
             slots.put(i)
         futures = {}
-        for spec in jobs:
-            if spec["expert"] is not None:
-                record(run, spec, "running")
-                futures[pool.submit(_pool_job, str(run.path), spec, device, threads, progress, slots)] = spec
+        for run, spec in experts:
+            record(run, spec, "running")
+            futures[pool.submit(_pool_job, str(run.path), spec, device, threads, progress, slots)] = (run, spec)
         for fut in as_completed(futures):
-            spec = futures[fut]
+            run, spec = futures[fut]
             try:
                 record(run, spec, "done", fut.result())
             except Exception as e:
@@ -229,14 +285,12 @@ def _dispatch_ray(run: RunDir, jobs: list[dict], address, num_cpus, num_gpus, re
                 return
 
 
-def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fraction: float = defaults.VALID_FRACTION,
-                split_seed: int = defaults.SPLIT_SEED, seed_model: str | Path | None = None,
-                vocab_size: int | None = None, **kwargs) -> dict:
-    """The compute-matched dense baseline: one model trained on every training document for
-    ``total_tokens``, in its own run directory ``out`` (k=1). With ``like`` (a clustered run) it
-    uses that run's corpus, train/valid split and tokenizer, so its losses compare with the experts';
-    otherwise ``corpus`` (default: the embedded one) split by ``split_of``. Other arguments as
-    :func:`train_experts`."""
+def prepare_dense(out, *, like=None, corpus=None, valid_fraction: float = defaults.VALID_FRACTION,
+                  split_seed: int = defaults.SPLIT_SEED, seed_model: str | Path | None = None,
+                  vocab_size: int | None = None, progress: bool = True) -> RunDir:
+    """The run directory of a dense baseline (k=1, every training document): with ``like`` (a
+    clustered run) that run's corpus, train/valid split and tokenizer, so its losses compare with
+    the experts'; otherwise ``corpus`` (default: the embedded one) split by ``split_of``."""
     out = RunDir.of(out)
     if like is not None:
         like = RunDir.of(like)
@@ -246,9 +300,20 @@ def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fractio
         assignments.write_assignments(out, assignments.dense_records(like), s["paths"], k=1, name="dense",
                                       **assignments.read_options(s), source=f"dense, like {like.path}")
         if not (out.tokenizer / "tokenizer_config.json").is_file():
-            tokens.ensure_tokenizer(like, seed_model, vocab_size, kwargs.get("progress", True))
+            tokens.ensure_tokenizer(like, seed_model, vocab_size, progress)
             tokens.copy_tokenizer(like, out)
     else:
         records = assignments.dense_records(None, corpus, valid_fraction, split_seed)
         assignments.write_assignments(out, records, corpus, k=1, name="dense", source="dense")
+    return out
+
+
+def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fraction: float = defaults.VALID_FRACTION,
+                split_seed: int = defaults.SPLIT_SEED, seed_model: str | Path | None = None,
+                vocab_size: int | None = None, **kwargs) -> dict:
+    """The compute-matched dense baseline: one model trained on every training document for
+    ``total_tokens``, in its own run directory ``out`` (k=1; see :func:`prepare_dense` for ``like``,
+    ``corpus`` and the split). Other arguments as :func:`train_experts`."""
+    out = prepare_dense(out, like=like, corpus=corpus, valid_fraction=valid_fraction, split_seed=split_seed,
+                        seed_model=seed_model, vocab_size=vocab_size, progress=kwargs.get("progress", True))
     return train_experts(out, total_tokens, seed_model=seed_model, vocab_size=vocab_size, **kwargs)
