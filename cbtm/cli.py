@@ -57,6 +57,18 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _baselines(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated demo baselines, or 'none'."""
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in defaults.BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected 'none' or names from {', '.join(defaults.BASELINES)}, "
+                                         f"got {text!r}")
+    return names
+
+
 def _size_ratio(text: str) -> float:
     """An argparse type: a finite number >= 1."""
     try:
@@ -413,7 +425,7 @@ def _eval(a):
 def _demo(a):
     from .demo import run_demo
 
-    run_demo(a.out, budget=a.budget, corpus=a.corpus or None)
+    run_demo(a.out, budget=a.budget, corpus=a.corpus or None, baselines=a.baselines)
 
 
 def _add_eval_demo(sub) -> None:
@@ -443,6 +455,10 @@ def _add_eval_demo(sub) -> None:
                    "24k tokens, a smoke test of a few minutes; scaling: k in 1,2,4,8 at budgets T, 2T, 4T "
                    "(under 45 minutes on 2 CPU cores); medium: for a GPU (also runs a 4x budget)")
     d.add_argument("--corpus", nargs="*", default=None, help="corpus files (default: the embedded corpus)")
+    d.add_argument("--baselines", type=_baselines, default=None, metavar="NAMES",
+                   help="comma-separated baselines to train beside C-BTM, from random (equal split, k=4), "
+                   "unbalanced (k-means, k=4), gold (one expert per `domain` label); 'none' for none "
+                   "(default: the budget's; small: random)")
     d.set_defaults(fn=_demo)
 
 

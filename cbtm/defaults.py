@@ -19,3 +19,4 @@ VOCAB_SIZE = 8192          # byte-level BPE trained when a run has no tokenizer
 MODEL_SIZE = "tiny"        # named model config of fresh experts
 EVAL_BATCH = 32            # texts scored at once by an ensemble
 EVAL_CHUNK_TOKENS = 8192   # padded positions per expert forward pass when scoring
+BASELINES = ("random", "unbalanced", "gold")  # the demo's baselines: random equal / unbalanced k-means / gold labels

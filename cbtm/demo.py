@@ -24,7 +24,7 @@ from .corpus import read_documents
 from .kmeans import BalancedKMeans
 from .router import Router, fit_prefix_routers
 from .rundir import RunDir, atomic_write_json, atomic_write_text
-from .training import train_dense, train_experts
+from .training import prepare_dense, train_dense, train_runs
 
 # One recipe for every corpus (issue 9), the papers' regime in miniature: a long seed phase that is
 # the "stable" part of a warmup-stable-decay schedule (peak LR after a short warmup, no decay), then
@@ -38,15 +38,15 @@ VOCAB_SIZE = 4096
 # total_tokens: T, the budget of every compared run; seed_tokens: the shared seed phase;
 # scales: multiples of T also run for the "best k grows with the budget" claim; baselines: which of
 # the random / unbalanced / gold splits to train; ks: the numbers of clusters (the scaling study trains
-# only those and dense, k=1). The small budget fits 15 minutes on 2 CPU cores: k=2 and the unbalanced
-# split are left to the scaling study and the medium budget.
+# only those and dense, k=1). The small budget fits 15 minutes on 2 CPU cores: k=2, the unbalanced and
+# gold splits are left to the scaling study, the medium budget and `--baselines`.
 KS = (2, 4, 8)
-BASELINES = ("random", "unbalanced", "gold")
+BASELINES = defaults.BASELINES
 BUDGETS = {
     "tiny": dict(total_tokens=24_000, seed_tokens=8_000, model_size="tiny", seq_len=64, batch_size=8,
                  eval_docs=12, scales=(1,), parallel=False, baselines=BASELINES, ks=KS),
-    "small": dict(total_tokens=1_200_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
-                  eval_docs=150, scales=(1,), parallel=True, baselines=("random", "gold"), ks=(4, 8)),
+    "small": dict(total_tokens=1_800_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
+                  eval_docs=150, scales=(1,), parallel=True, baselines=("random",), ks=(4, 8)),
     "scaling": dict(total_tokens=600_000, seed_tokens=2_400_000, model_size="tiny", seq_len=128, batch_size=16,
                     eval_docs=150, scales=(1, 2, 4), parallel=True, baselines=(), ks=KS),
     "medium": dict(total_tokens=20_000_000, seed_tokens=20_000_000, model_size="small", seq_len=512, batch_size=32,
@@ -177,25 +177,24 @@ def train_seed(out: Path, corpus: list[str], cfg: dict, progress: bool) -> Path:
 
 def train_all(out: Path, runs: dict[str, Path], corpus: list[str], cfg: dict, scale: int, seed: Path,
               progress: bool) -> dict:
-    """Every run's experts and the dense model at budget scale * T, branched from ``seed``."""
+    """Every run's experts and the dense model at budget scale * T, branched from ``seed``: all their
+    jobs in one pool of worker processes (one thread each: on tiny CPU models processes beat threads
+    within one), the longest first, so no core idles between runs."""
     settings = {**_settings(cfg, progress), **BRANCH_SCHEDULE}
+    settings.pop("progress")
     total = cfg["total_tokens"] * scale
-    trained = {}
     suffix = "" if scale == 1 else f"-x{scale}"
-    for name, run in runs.items():
-        target = run if scale == 1 else _scaled_copy(run, scale)
-        _log(progress, f"{name}{suffix}: {total:,} tokens in all")
+    targets = {name + suffix: run if scale == 1 else _scaled_copy(run, scale) for name, run in runs.items()}
+    targets["dense" + suffix] = prepare_dense(out / f"dense{suffix}", corpus=corpus, progress=progress).path
+    requests = []
+    for name, target in targets.items():
         k = RunDir(target).section("assignments")["k"]
-        # tiny CPU models: experts in parallel processes of one thread each beat threads within one
-        parallel = min(k, os.cpu_count() or 1) if cfg.get("parallel") else 1
-        train_experts(target, total, seed_model=seed, parallel=parallel, **settings,
-                      eval_every=_eval_every(cfg, total // k))
-        trained[name + suffix] = target
-    dense = out / f"dense{suffix}"
-    _log(progress, f"dense{suffix}: {total:,} tokens")
-    train_dense(dense, total, corpus=corpus, seed_model=seed, **settings, eval_every=_eval_every(cfg, total))
-    trained["dense" + suffix] = dense
-    return trained
+        _log(progress, f"{name}: {k} job{'s' * (k > 1)} of {total // k:,} tokens")
+        requests.append(dict(run=target, total_tokens=total, seed_model=seed, **settings,
+                             eval_every=_eval_every(cfg, total // k)))
+    parallel = (os.cpu_count() or 1) if cfg.get("parallel") else 1
+    train_runs(requests, parallel=parallel, progress=progress)
+    return targets
 
 
 def _eval_every(cfg: dict, tokens_per_job: int, per_point: int = 1) -> int:
@@ -342,11 +341,12 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, progress: bool = True) -> dict:
+def run_demo(out: str | Path = "runs/demo", budget: str = "small", corpus=None, progress: bool = True,
+             baselines: tuple[str, ...] | None = None) -> dict:
     """Run (or resume) the whole demo; returns the report written to ``out/reports/demo.json``."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
-    cfg = BUDGETS[budget]
+    cfg = BUDGETS[budget] if baselines is None else {**BUDGETS[budget], "baselines": tuple(baselines)}
     t0 = time.perf_counter()
     out = Path(out)
     corpus = corpus_paths(corpus)

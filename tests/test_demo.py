@@ -161,3 +161,32 @@ def test_a_scaled_copy_picks_up_a_prefix_router_fitted_after_it(tmp_path):
     assert _scaled_copy(base, 2) == dst
     assert (dst / "router" / "prefix.json").read_text() == "prefix.json"
     assert (dst / "router" / "prefix.safetensors").read_text() == "prefix.safetensors"
+
+
+def test_the_baselines_flag_names_the_demos_baselines():
+    from cbtm.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["demo"]).baselines is None  # the budget's own
+    assert parse(["demo", "--baselines", "gold, random"]).baselines == ("gold", "random")
+    assert parse(["demo", "--baselines", "none"]).baselines == ()
+    for bad in ("gold,bogus", ",", "none,gold"):
+        with pytest.raises(SystemExit):
+            parse(["demo", "--baselines", bad])
+
+
+def test_run_demo_trains_the_baselines_asked_for_instead_of_the_budgets(tmp_path, monkeypatch):
+    """run_demo(baselines=...) replaces the budget's list: the runs prepared are C-BTM's and those."""
+    from cbtm import demo as demo_mod
+
+    asked = {}
+
+    def stop(out, corpus, progress, baselines, ks):
+        asked.update(baselines=baselines, ks=ks)
+        raise RuntimeError("prepared")
+
+    monkeypatch.setattr(demo_mod, "prepare_runs", stop)
+    for baselines, want in ((("gold",), ("gold",)), ((), ()), (None, BUDGETS["small"]["baselines"])):
+        with pytest.raises(RuntimeError, match="prepared"):
+            run_demo(tmp_path / "out", budget="small", baselines=baselines, progress=False)
+        assert asked == {"baselines": want, "ks": BUDGETS["small"]["ks"]}
