@@ -88,8 +88,7 @@ def train_runs(requests: Sequence[dict], *, parallel: int = 1, device: str | Non
     ``run``, ``total_tokens`` and any of ``model_size``, ``seed_model``, ``seed_tokens``,
     ``experts``, ``vocab_size``, ``restart``, ``config`` and TrainConfig fields. Every run is planned
     (and validated) before any job starts; seed phases run in process before the experts. Rerunning
-    resumes.
-    Returns each run's summary, in order; raises TrainingFailed when any job failed."""
+    resumes. Returns each run's summary, in order; raises TrainingFailed when any job failed."""
     if int(parallel) != parallel or parallel < 1:
         raise ValueError("parallel must be a positive integer")
     planned = []
