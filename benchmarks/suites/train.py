@@ -48,6 +48,15 @@ def _trainer(size, device, batch, seq_len, vocab=VOCAB, fused_loss=True):
     return training.Trainer(model, cfg, total_steps=1000, device=device), models.num_params(model)
 
 
+def _demo_stepper(setting: dict, device: str, rng):
+    """(trainer, rows) of the demo's tiny model in ``setting``, after one warmup step on ``rows``."""
+    batch, seq_len = DEMO_BATCH
+    rows = [rng.integers(0, setting["vocab"], seq_len).astype(np.uint16) for _ in range(batch)]
+    trainer, _ = _trainer("tiny", device, batch, seq_len, setting["vocab"], setting["fused_loss"])
+    trainer.step(rows)  # warmup
+    return trainer, rows
+
+
 def _demo_model(device, steps, repeats):
     """Tokens/s of the demo's tiny model before and now (one thread on CPU), timed in alternation
     (best of ``repeats`` each) so that both see the same state of a shared machine."""
@@ -59,9 +68,7 @@ def _demo_model(device, steps, repeats):
         sync = torch.cuda.synchronize if device == "cuda" else None
         steppers = {}
         for name, setting in (("before", DEMO_BEFORE), ("now", DEMO_NOW)):
-            rows = [rng.integers(0, setting["vocab"], seq_len).astype(np.uint16) for _ in range(batch)]
-            trainer, _ = _trainer("tiny", device, batch, seq_len, setting["vocab"], setting["fused_loss"])
-            trainer.step(rows)  # warmup
+            trainer, rows = _demo_stepper(setting, device, rng)
             steppers[name] = lambda trainer=trainer, rows=rows: [trainer.step(rows) for _ in range(steps)]
         best = dict.fromkeys(steppers, float("inf"))
         for _ in range(max(1, repeats)):
@@ -77,10 +84,7 @@ def _layout_worker(setting: dict, threads: int, steps: int, repeats: int, barrie
     together with the layout's other processes (``barrier``)."""
     torch.set_num_threads(threads)
     batch, seq_len = DEMO_BATCH
-    rng = np.random.default_rng(threads)
-    rows = [rng.integers(0, setting["vocab"], seq_len).astype(np.uint16) for _ in range(batch)]
-    trainer, _ = _trainer("tiny", "cpu", batch, seq_len, setting["vocab"], setting["fused_loss"])
-    trainer.step(rows)  # warmup
+    trainer, rows = _demo_stepper(setting, "cpu", np.random.default_rng(0))
     rates = []
     for _ in range(max(1, repeats)):
         barrier.wait()
