@@ -4,6 +4,7 @@ checkpoint); and the compute-matched dense baseline."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -100,9 +101,7 @@ def train_runs(requests: Sequence[dict], *, parallel: int = 1, device: str | Non
         run = RunDir.of(r.pop("run"))
         if any(run.path.resolve() == p.path.resolve() for p, _ in planned):
             raise ValueError(f"{run.path} is requested twice")
-        plan = {key: r.pop(key, default) for key, default in
-                (("model_size", "tiny"), ("seed_model", None), ("seed_tokens", 0), ("experts", None),
-                 ("vocab_size", None), ("restart", False))}
+        plan = {key: r.pop(key, default) for key, default in _plan_defaults().items()}
         total = r.pop("total_tokens")
         cfg = make_config(r.pop("config", None), r)
         jobs, _ = plan_jobs(run, total_tokens=total, **plan, cfg=cfg, progress=progress, write=True)
@@ -111,6 +110,13 @@ def train_runs(requests: Sequence[dict], *, parallel: int = 1, device: str | Non
     summaries = [run_summary(run, [j["name"] for j in jobs]) for run, jobs in planned]
     _raise_failures(summaries)
     return summaries
+
+
+def _plan_defaults() -> dict:
+    """train_experts's defaults of the arguments that plan a run (other than the token budget and config)."""
+    params = inspect.signature(train_experts).parameters
+    return {key: params[key].default for key in ("model_size", "seed_model", "seed_tokens", "experts", "vocab_size",
+                                                 "restart")}
 
 
 def _raise_failures(summaries: Sequence[dict]) -> None:
