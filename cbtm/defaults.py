@@ -20,3 +20,6 @@ MODEL_SIZE = "tiny"        # named model config of fresh experts
 EVAL_BATCH = 32            # texts scored at once by an ensemble
 EVAL_CHUNK_TOKENS = 8192   # padded positions per expert forward pass when scoring
 BASELINES = ("random", "unbalanced", "gold")  # the demo's baselines: random equal / unbalanced k-means / gold labels
+MAX_BATCH = 64             # sequences decoded together by the generation engine (more wait their turn)
+MAX_NEW_TOKENS = 1 << 20   # largest max_new_tokens accepted (generation slides its window past the context)
+MAX_LOGPROBS = 20          # most alternatives per token a decoder reports (OpenAI's completions limit)

@@ -264,6 +264,11 @@ class TfidfEmbedder:
         cut_rows = np.repeat(rows, [len(p) for p in part])
         return ids, ready, cut_rows, np.fromiter(chain.from_iterable(part), dtype=np.int64)
 
+    def stream(self, text: str = "") -> "TextStream":
+        """An embedding of a growing text, updated as it grows (see :class:`TextStream`)."""
+        self._check_fitted()
+        return TextStream(self, text)
+
     # ---- persistence ----------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
@@ -301,3 +306,43 @@ class TfidfEmbedder:
         embedder._set_state(vocabulary, idf, components, config["stop_words"], config["token_pattern"],
                             config["lowercase"])
         return embedder
+
+
+class TextStream:
+    """The unnormalised embedding of a text that grows at its end (a decoded generation).
+
+    Words never span whitespace (nor does lowercasing look across it), so the whitespace-separated
+    chunks before the text's last whitespace are final: their term vectors are summed once, and only
+    the last, unfinished chunk is analysed again on each update. ``normalise(stream.vector())`` equals
+    ``transform([text])`` (up to float64 summation order). A text that does not extend the previous one
+    (a decoded character completed by a later token) is embedded afresh.
+    """
+
+    def __init__(self, embedder: TfidfEmbedder, text: str = ""):
+        self.embedder = embedder
+        self.text, self.closed = "", 0  # chunks of text[:closed] are summed in self.base
+        self.base = np.zeros(embedder.n_components)
+        self.update(text)
+
+    def update(self, text: str) -> None:
+        if not text.startswith(self.text):
+            self.closed, self.base = 0, np.zeros(self.embedder.n_components)
+        self.text = text
+        cut = len(text)
+        while cut > self.closed and not text[cut - 1].isspace():  # back to the last whitespace
+            cut -= 1
+        if cut > self.closed:
+            ids = self.embedder._ids(text[self.closed:cut])
+            if ids:
+                self.base = self.base + self.embedder._vec[ids].sum(0)
+            self.closed = cut
+
+    def vector(self) -> np.ndarray:
+        """The embedding's direction, float64 (D,): the sum of the text's term vectors."""
+        ids = self.embedder._ids(self.text[self.closed:])
+        return self.base + self.embedder._vec[ids].sum(0) if ids else self.base
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Embeddings (N, D) of summed term vectors, as ``transform`` gives them: float32 unit rows."""
+    return _l2_normalise(np.asarray(vectors, np.float64))

@@ -10,18 +10,20 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import defaults, models, ops
+from . import defaults, models
+from .assignments import validation_texts
+from .engine import Engine, SamplingParams
+from .pool import ExpertPool
 from .router import Router, keep_top_k
 from .rundir import RunDir
-from .assignments import validation_texts
-from .tokens import load_tokenizer
+from .stacked import StackedExperts
+from .tokens import load_tokenizer, start_token_id
 from .training.loss import fused_head, linear_target_logprobs
 
 KINDS = ("cluster", "uniform", "posterior")
@@ -40,50 +42,6 @@ def resolve_devices(device: str | Sequence[str]) -> list[str]:
         else:
             out.append(str(dev))
     return out
-
-
-class ExpertPool:
-    """Expert models placed round-robin on ``devices``, loaded on demand and, when ``max_loaded``
-    is set, evicted least-recently-used (for more experts than fit in memory at once)."""
-
-    def __init__(self, paths: Sequence[str | Path], devices: Sequence[str], max_loaded: int | None = None,
-                 dtype: torch.dtype | None = None, digests: Sequence[str | None] | None = None):
-        if not paths:
-            raise ValueError("an ensemble needs at least one expert")
-        for p in paths:
-            if not (Path(p) / "config.json").is_file():
-                raise FileNotFoundError(f"expert {p}: no config.json (expected a save_pretrained directory)")
-        if max_loaded is not None and max_loaded < 1:
-            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
-        self.paths = [Path(p) for p in paths]
-        self.digests = list(digests) if digests is not None else [None] * len(self.paths)
-        self.devices = list(devices)
-        self.max_loaded, self.dtype = max_loaded, dtype
-        self._loaded: OrderedDict[int, torch.nn.Module] = OrderedDict()
-        self.loads = 0  # models read from disk (more than len(paths) means evictions happened)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def device(self, j: int) -> torch.device:
-        return torch.device(self.devices[j % len(self.devices)])
-
-    def get(self, j: int) -> torch.nn.Module:
-        if j in self._loaded:
-            self._loaded.move_to_end(j)
-            return self._loaded[j]
-        if self.max_loaded is not None:
-            while len(self._loaded) >= self.max_loaded:
-                self._loaded.popitem(last=False)
-        model = models.load_model(self.paths[j], self.dtype, sha256=self.digests[j])
-        model.to(self.device(j)).eval()
-        self.loads += 1
-        self._loaded[j] = model
-        return model
-
-    def context_length(self) -> int:
-        """The smallest maximum context of the experts (read from their configs)."""
-        return min(models.context_length(models.load_config(p)) or 1024 for p in self.paths)
 
 
 class Ensemble:
@@ -122,15 +80,15 @@ class Ensemble:
         self.prior = np.full(k, 1.0 / k) if prior is None else np.asarray(prior, np.float64)
         self.batch_size = int(batch_size)
         self.chunk_tokens = defaults.EVAL_CHUNK_TOKENS
-        self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if self.bos is None:
-            raise ValueError("the tokenizer has neither a BOS nor an EOS token")
+        self.bos = start_token_id(tokenizer)  # what every scored or generated sequence starts with
         if context is not None and (int(context) != context or context < 1):
             raise ValueError(f"context must be a positive integer, got {context!r}")
         longest = self.pool.context_length()  # reads every expert's config
         self.context = min(longest, int(context)) if context is not None else longest
         self.mix_device = self.pool.device(0)
         self.expert_calls = [0] * k  # rows each expert has processed (tests check sparsity with it)
+        self.use_stacked = True  # run same-architecture experts with stacked weights (False: one forward each)
+        self._stacked: list = []  # [StackedExperts or None] once built
 
     @classmethod
     def load(cls, run: str | Path, top_k: int | None = defaults.TOP_K, temperature: float = defaults.TEMPERATURE,
@@ -190,6 +148,22 @@ class Ensemble:
 
     # ---------------------------------------------------------------------------------------
     # scoring
+
+    def stacked(self) -> StackedExperts | None:
+        """The experts as :class:`~cbtm.stacked.StackedExperts` (built on first use), or None when they
+        cannot be stacked (mixed architectures, several devices, evicting pool) or ``use_stacked`` is off."""
+        if not self.use_stacked:
+            return None
+        if not self._stacked:
+            ok = self.pool.all_resident() and len({str(self.pool.device(j)) for j in range(self.n_experts)}) == 1
+            self._stacked.append(StackedExperts.build([self.pool.get(j) for j in range(self.n_experts)]) if ok else None)
+        return self._stacked[0]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text, without special tokens (the start token is the engine's to add)."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected a str, got {type(text).__name__}")
+        return self._encode(text)[0]
 
     def _encode(self, text: str) -> tuple[list[int], np.ndarray]:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -267,10 +241,13 @@ class Ensemble:
         # a causal LM needs the window only up to the last position that uses it
         last = torch.where(need, torch.arange(1, L + 1)[None, :, None], 0).amax(1)  # (R, K)
         lp = torch.full((k, R, L), -math.inf)  # (K, R, L) log p_j of each target
-        for j in range(k):
-            for sel in _length_chunks(last[:, j], self.chunk_tokens):
-                n = int(last[sel[0], j])
-                lp[j, sel, :n] = self._expert_logprobs(j, inputs[sel, :n], mask[sel, :n], targets[sel, :n]).cpu()
+        if self.stacked() is not None:
+            self._stacked_logprobs(inputs, targets, last, lp)
+        else:
+            for j in range(k):
+                for sel in _length_chunks(last[:, j], self.chunk_tokens):
+                    n = int(last[sel[0], j])
+                    lp[j, sel, :n] = self._expert_logprobs(j, inputs[sel, :n], mask[sel, :n], targets[sel, :n]).cpu()
         if self.kind == "posterior":
             logw = self._posterior_logw(lp, rows, len(texts))
         mixed = torch.logsumexp(logw + lp.permute(1, 2, 0), dim=-1)  # (R, L)
@@ -279,6 +256,27 @@ class Ensemble:
             per_text[i].append((mixed[r, :n], lp[:, r, :n], logw[r, :n]))
         return [(torch.cat([m for m, _, _ in p]), torch.cat([e for _, e, _ in p], 1), torch.cat([w for _, _, w in p]))
                 if p else (torch.zeros(0), torch.zeros(k, 0), torch.zeros(0, k)) for p in per_text]
+
+    def _stacked_logprobs(self, inputs: torch.Tensor, targets: torch.Tensor, last: torch.Tensor,
+                          lp: torch.Tensor) -> None:
+        """``_expert_logprobs`` of every (window, expert) pair that ``last`` (R, K) asks for, through the
+        stacked experts: pairs of all experts share each forward (chunks of similar lengths); into lp."""
+        st = self.stacked()
+        pairs = last.nonzero()  # (P, 2): (window, expert)
+        need = last[pairs[:, 0], pairs[:, 1]]
+        for sel in _length_chunks(need, self.chunk_tokens):
+            sel = sel[torch.argsort(pairs[sel, 1], stable=True)]  # grouped by expert
+            r, j, n = pairs[sel, 0], pairs[sel, 1], need[sel]
+            T = int(n.max())
+            with torch.no_grad():
+                h = st.forward(inputs[r, :T], j, torch.zeros_like(n), n)  # (P, T, d)
+                for e in torch.unique(j).tolist():
+                    rows = (j == e).nonzero().flatten()
+                    valid = torch.arange(T)[None, :] < n[rows, None]  # (p, T)
+                    hv = h[rows.to(h.device)][valid.to(h.device)]
+                    out = linear_target_logprobs(hv, st.head[e], targets[r[rows], :T][valid].to(hv.device)).float().cpu()
+                    lp[e, r[rows][:, None].expand_as(valid)[valid], torch.arange(T).expand_as(valid)[valid]] = out
+                    self.expert_calls[e] += len(rows)
 
     def _posterior_logw(self, lp: torch.Tensor, rows: list, n_texts: int) -> torch.Tensor:
         """BTM posterior weights before each token: log prior + log-likelihood of the earlier
@@ -340,61 +338,41 @@ class Ensemble:
     # ---------------------------------------------------------------------------------------
     # generation
 
+    def engine(self, max_batch: int = defaults.MAX_BATCH, seed: int = 0) -> Engine:
+        """A continuous-batching :class:`~cbtm.engine.Engine` over this ensemble (add / step / abort)."""
+        return Engine(self, max_batch=max_batch, seed=seed)
+
     @torch.no_grad()
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 50, temperature: float = 1.0,
-                 top_p: float = 1.0, greedy: bool = False, seed: int = 0) -> list[str]:
-        """Continue each prompt. Routing is recomputed from the text so far at every step; each
-        active expert keeps its own KV cache (an expert that becomes active is prefilled once)."""
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int | Sequence[int] = 50,
+                 temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, seed: int = 0,
+                 stop: str | Sequence[str] | None = None, max_batch: int = defaults.MAX_BATCH) -> list[str]:
+        """Continue each prompt, all prompts decoded together (the batched engine). ``temperature=0``
+        or ``greedy`` decodes greedily; prompt i samples with its own generator seeded ``seed + i``;
+        ``max_new_tokens`` may be one per prompt; generation ends at EOS, at a ``stop`` string (not
+        included) or after ``max_new_tokens``. Routing is recomputed from the text so far at every step."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        if max_new_tokens < 0 or not temperature > 0 or not 0 < top_p <= 1:
-            raise ValueError("need max_new_tokens >= 0, temperature > 0 and 0 < top_p <= 1")
-        gen = torch.Generator().manual_seed(seed)
-        return [self._generate_one(p, max_new_tokens, temperature, top_p, greedy, gen) for p in prompts]
-
-    def _generate_one(self, prompt: str, max_new: int, temperature: float, top_p: float, greedy: bool,
-                      gen: torch.Generator) -> str:
-        ids = [self.bos] + self._encode(prompt)[0]
-        new: list[int] = []
-        caches: dict[int, tuple] = {}  # expert -> (KV cache, tokens consumed)
-        cache_kw = models.cache_keyword()
-        loglik = np.zeros(self.n_experts)  # posterior: log-likelihood of the tokens so far
-        for _ in range(max_new):
-            if len(ids) >= self.context:  # slide: keep the last half of the window, re-prefill
-                ids = [self.bos] + ids[-(self.context // 2):]
-                caches.clear()
-            text = prompt + self.tokenizer.decode(new)
-            if self.kind == "cluster":
-                w = self.router.token_weights([text], [[len(text)]])[0][0]
-            elif self.kind == "uniform":
-                w = self._topk(self.prior[None])[0]
-            else:
-                post = np.log(self.prior) + loglik
-                w = self._topk(np.exp(post - post.max())[None] / np.exp(post - post.max()).sum())[0]
-            active = [j for j in range(self.n_experts) if w[j] > 0 or self.kind == "posterior"]
-            logits = []
-            for j in active:
-                past, done = caches.get(j, (None, 0))
-                model, dev = self.pool.get(j), self.pool.device(j)
-                out = model(input_ids=torch.tensor([ids[done:]], device=dev), use_cache=True,
-                            **{cache_kw: past})
-                caches[j] = (getattr(out, cache_kw), len(ids))
-                logits.append(out.logits[0, -1:].float().to(self.mix_device))  # (1, V)
-                self.expert_calls[j] += 1
-            with np.errstate(divide="ignore"):
-                lw = torch.from_numpy(np.log(w[active].astype(np.float64))).float()[None].to(self.mix_device)
-            logp = ops.weighted_logsumexp(logits, lw)[0]  # (V,)
-            if greedy:
-                nxt = int(torch.argmax(logp))
-            else:
-                nxt = _sample(logp.cpu() / temperature, top_p, gen)
-            if self.kind == "posterior":
-                loglik += np.array([float(torch.log_softmax(l[0], -1)[nxt]) for l in logits])
-            if nxt == self.tokenizer.eos_token_id:
-                break
-            ids.append(nxt)
-            new.append(nxt)
-        return self.tokenizer.decode(new)
+        if prompts is None or not hasattr(prompts, "__iter__"):
+            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: nothing to generate")
+        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompts must be str, got {bad[0]}")
+        if isinstance(max_new_tokens, (list, tuple)):
+            if len(max_new_tokens) != len(prompts):
+                raise ValueError(f"max_new_tokens has {len(max_new_tokens)} values for {len(prompts)} prompts")
+            lengths = list(max_new_tokens)
+        else:
+            lengths = [max_new_tokens] * len(prompts)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        stops = tuple([stop] if isinstance(stop, str) else stop or ())
+        params = [SamplingParams(max_new_tokens=n, temperature=temperature, top_p=top_p, greedy=greedy,
+                                 seed=seed + i, stop=stops) for i, n in enumerate(lengths)]
+        seqs = self.engine(max_batch=max_batch).generate(prompts, params)
+        return [s.text for s in seqs]
 
 
 def _length_chunks(need: torch.Tensor, budget: int) -> list[torch.Tensor]:
@@ -416,16 +394,6 @@ def mix(lp: np.ndarray, w: np.ndarray, top_k: int | None = None) -> np.ndarray:
     w = keep_top_k(w, top_k)
     with np.errstate(divide="ignore"):
         return np.logaddexp.reduce(np.log(w) + lp.T, axis=1)
-
-
-def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> int:
-    """Nucleus sampling from (V,) logits."""
-    probs = torch.softmax(logits.double(), -1)
-    if top_p < 1:
-        sp, si = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sp, 0) - sp < top_p
-        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
 
 def _as_texts(texts) -> list[str]:

@@ -7,22 +7,23 @@ strings, streamers, batched left-padded inputs) decodes with C-BTM:
     out = model.generate(**batch, max_new_tokens=20, do_sample=False)
 
 The logits are the mixture's log-probabilities. Each sequence is routed on its decoded text so far,
-per token, exactly as ``Ensemble`` does; only the experts routed to run, each with its own KV cache
-per sequence (kept in :class:`EnsembleCache`).
+per token, exactly as ``Ensemble`` does, and the batch decodes on the batched engine
+(:mod:`cbtm.engine`): every routed expert runs once per step for all rows routed to it, each
+(row, expert) pair continuing its own KV cache; generation therefore equals ``Ensemble.generate``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import weakref
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import defaults, models, ops
+from . import defaults, models
 from .ensemble import Ensemble
 
 CACHE_NAME = models.cache_keyword()
@@ -43,39 +44,31 @@ class EnsembleConfig(PretrainedConfig):
         super().__init__(**kw)
 
 
-class _Row:
-    """One sequence of the batch: its tokens (padding dropped), the tokens the experts see (``window``:
-    the same until it outgrows the context, then BOS + its last half, as ``Ensemble.generate`` slides),
-    and per expert that has run on it ``[KV cache, window tokens consumed]``."""
-
-    __slots__ = ("ids", "window", "experts")
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.window: list[int] = []
-        self.experts: dict[int, list] = {}
-
-    def clone(self) -> "_Row":
-        row = _Row()
-        row.ids, row.window = list(self.ids), list(self.window)
-        row.experts = {j: [copy.deepcopy(c), n] for j, (c, n) in self.experts.items()}
-        return row
-
-
 class EnsembleCache:
-    """The generation state of a batch: per sequence, its tokens (the router re-embeds their decoded
-    text, exactly and incrementally, at every step) and one KV cache per expert it was routed to."""
+    """The generation state of a batch: one engine sequence per row (its tokens, the router's
+    incremental embedding of its decoded text, and a KV cache per expert it was routed to). The
+    sequences' caches are freed when the cache object is dropped."""
 
-    def __init__(self, batch_size: int):
-        self.rows = [_Row() for _ in range(batch_size)]
+    def __init__(self, engine, batch_size: int):
+        self.engine = engine
+        self.rows = [engine.open() for _ in range(batch_size)]
+        self._finalizer = weakref.finalize(self, _close_all, engine, self.rows)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Beam search: row b continues row ``beam_idx[b]`` (copied when several rows continue one)."""
         taken, rows = set(), []
         for i in beam_idx.tolist():
-            rows.append(self.rows[i] if i not in taken else self.rows[i].clone())
+            rows.append(self.rows[i] if i not in taken else self.engine.fork(self.rows[i]))
             taken.add(i)
-        self.rows = rows
+        for i, row in enumerate(self.rows):
+            if i not in taken:
+                self.engine.close(row)
+        self.rows[:] = rows
+
+
+def _close_all(engine, rows) -> None:
+    for row in rows:
+        engine.close(row)
 
 
 class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
@@ -96,6 +89,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("EnsembleForCausalLM supports kind 'cluster' and 'uniform'; the BTM posterior "
                              "(kind='posterior') needs every expert on every token: use cbtm.Ensemble")
         self.ensemble = ensemble
+        self.engine = ensemble.engine()
         self.tokenizer = copy.deepcopy(ensemble.tokenizer)
         self.tokenizer.add_bos_token = True
         self.tokenizer.padding_side = "left"
@@ -113,7 +107,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         config = EnsembleConfig(run=str(run), router_top_k=top_k, router_temperature=temperature, kind=kind,
                                 routing=ens.router.routing if ens.router is not None else "none",
-                                vocab_size=len(tok), bos_token_id=ens.bos, eos_token_id=tok.eos_token_id,
+                                vocab_size=ens.pool.vocab_size(), bos_token_id=ens.bos, eos_token_id=tok.eos_token_id,
                                 pad_token_id=pad)
         model = cls(config, ens)
         model.generation_config.update(bos_token_id=ens.bos, eos_token_id=tok.eos_token_id, pad_token_id=pad)
@@ -134,61 +128,30 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: EnsembleCache | None = None, past_key_values: EnsembleCache | None = None,
-                use_cache: bool = True, **unused) -> CausalLMOutputWithPast:
+                use_cache: bool = True, logits_to_keep: int = 0, **unused) -> CausalLMOutputWithPast:
         """input_ids (B, L); attention_mask (B, P + L) over the P tokens in ``cache`` and these
         (0 marks padding; position ids and other generate() keywords are not needed: the cache
-        tracks each row's tokens)."""
+        tracks each row's tokens). ``logits_to_keep=1`` (what ``generate`` asks for) computes the last
+        position only, and then a window longer than the experts' context slides as in generation."""
         state = cache if cache is not None else past_key_values
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got "
+                             f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}")
         B, L = input_ids.shape
         if state is None:
-            state = EnsembleCache(B)
+            state = EnsembleCache(self.engine, B)
         elif len(state.rows) != B:
             raise ValueError(f"input_ids has {B} rows but the cache holds {len(state.rows)}")
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, -L:] > 0
+        last_only = logits_to_keep == 1
+        new = [input_ids[b][real[b]].tolist() for b in range(B)]
+        out = self.engine.extend(state.rows, new, all_positions=not last_only)
         V = self.config.vocab_size
-        logits = torch.full((B, L, V), -math.log(V))  # (B, L, V); padding positions stay uniform
-        for b, row in enumerate(state.rows):
-            pos = real[b].nonzero().flatten().cpu()
-            if len(pos):
-                logits[b, pos] = self._extend(row, input_ids[b, pos].tolist()).cpu()
+        if last_only:
+            logits = torch.stack([o[-1] for o in out])[:, None]  # (B, 1, V)
+        else:
+            logits = torch.full((B, L, V), -math.log(V))  # (B, L, V); padding positions stay uniform
+            for b, o in enumerate(out):
+                logits[b, real[b].nonzero().flatten()[-len(o):] if len(o) else []] = o
+        logits[..., len(self.tokenizer):] = -math.inf  # ids of a padded vocabulary are never generated
         return CausalLMOutputWithPast(logits=logits.to(self.device), **{CACHE_NAME: state if use_cache else None})
-
-    def _extend(self, row: _Row, new: list[int]) -> torch.Tensor:
-        """Append ``new`` tokens to a row: the mixture's log-probs after each, float32 (n, V)."""
-        ens, n = self.ensemble, len(new)
-        row.ids += new
-        row.window += new
-        if n == 1 and len(row.window) > 1 and len(row.window) >= ens.context:  # as Ensemble.generate slides
-            row.window = [ens.bos] + row.window[-(ens.context // 2):]
-            row.experts.clear()
-        elif len(row.window) > ens.context:
-            raise ValueError(f"{len(row.window)} tokens: the experts' context is {ens.context} tokens (longer "
-                             "inputs slide only while generating, one token at a time)")
-        w = self._weights(row.ids, n)  # (n, K)
-        active = np.flatnonzero(w.any(0))
-        logits, start = [], len(row.window) - n  # window index of the first new token
-        for j in active:
-            last = int(np.flatnonzero(w[:, j])[-1])  # the last new position routed to j
-            cache, done = row.experts.get(j, (None, 0))
-            model, dev = ens.pool.get(j), ens.pool.device(j)
-            feed = torch.tensor([row.window[done:start + last + 1]], device=dev)
-            out = model(input_ids=feed, use_cache=True, **{CACHE_NAME: cache})
-            row.experts[j] = [getattr(out, CACHE_NAME), start + last + 1]
-            ens.expert_calls[j] += 1
-            lj = torch.zeros(n, out.logits.shape[-1], device=ens.mix_device)  # (n, V)
-            lj[:last + 1] = out.logits[0, -(last + 1):].float().to(ens.mix_device)
-            logits.append(lj)
-        with np.errstate(divide="ignore"):
-            logw = torch.from_numpy(np.log(w[:, active].astype(np.float64))).float().to(ens.mix_device)  # (n, k)
-        return ops.weighted_logsumexp(logits, logw)
-
-    def _weights(self, ids: list[int], n: int) -> np.ndarray:
-        """Routing weights after each of the last n tokens of ``ids``: the context is the decoded
-        text through that token, special tokens dropped, as ``Ensemble`` routes: (n, K)."""
-        texts = self.tokenizer.batch_decode([ids[:t] for t in range(len(ids) - n + 1, len(ids) + 1)],
-                                            skip_special_tokens=True)
-        full = texts[-1]
-        if all(full.startswith(t) for t in texts):  # one text, its prefixes embedded incrementally
-            return self.ensemble._context_weights([full], [np.array([len(t) for t in texts])])[0]
-        # a character split across tokens decodes differently alone: embed each context on its own
-        return np.concatenate(self.ensemble._context_weights(texts, [np.array([len(t)]) for t in texts]))

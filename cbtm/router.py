@@ -115,18 +115,24 @@ class Router:
         return Router(self.embedder, self.centers[clusters], self.temperature, top_k, self.official_distance,
                       classifier)
 
-    def weights(self, emb: np.ndarray) -> np.ndarray:
-        """Expert weights of embeddings: (N, D) -> float32 (N, K), rows sum to 1, at most top_k
-        non-zero."""
+    def scores(self, emb: np.ndarray) -> np.ndarray:
+        """Unnormalised log-weights of embeddings, before top-k: (N, D) -> float64 (N, K)."""
         emb = np.asarray(emb, np.float64)
         if self.classifier is not None:
             coef, bias = self.classifier
-            score = emb @ coef.T + bias  # (N, K) log-odds of each cluster
-        else:
-            d2 = ((emb[:, None, :] - self.centers[None].astype(np.float64)) ** 2).sum(-1)  # (N, K)
-            score = -(d2 ** 2 if self.official_distance else d2) / self.temperature
+            return emb @ coef.T + bias  # (N, K) log-odds of each cluster
+        d2 = ((emb[:, None, :] - self.centers[None].astype(np.float64)) ** 2).sum(-1)  # (N, K)
+        return -(d2 ** 2 if self.official_distance else d2) / self.temperature
+
+    def weights(self, emb: np.ndarray, allowed: np.ndarray | None = None, top_k: int | None = None) -> np.ndarray:
+        """Expert weights of embeddings: (N, D) -> float32 (N, K), rows sum to 1, at most top_k
+        non-zero (this router's ``top_k`` unless given). ``allowed`` (N, K) bool: the experts each row
+        may use (the others get weight 0)."""
+        score = self.scores(emb)
+        if allowed is not None:
+            score = np.where(allowed, score, -np.inf)
         w = np.exp(score - score.max(1, keepdims=True))
-        return keep_top_k(w, self.top_k).astype(np.float32)
+        return keep_top_k(w, self.top_k if top_k is None else top_k).astype(np.float32)
 
     def document_weights(self, texts: Sequence[str]) -> np.ndarray:
         """One weight vector per document: (N, K)."""

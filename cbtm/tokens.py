@@ -70,6 +70,16 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def start_token_id(tokenizer) -> int:
+    """The token every sequence starts with when it is scored or generated from: the tokenizer's BOS, or
+    its EOS when it has no BOS (Qwen2-style tokenizers; in training every document follows an EOS).
+    Scoring, both decoders and the server use this one rule."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token")
+    return int(start)
+
+
 def tokenizer_fingerprint(path: str | Path) -> str:
     """Hash of the files of a saved tokenizer."""
     h = hashlib.blake2b(digest_size=8)

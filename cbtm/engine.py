@@ -1,0 +1,653 @@
+"""The batched sparse decoding engine under every C-BTM decoder (``Ensemble.generate``,
+``EnsembleForCausalLM`` and the server).
+
+Generation is a loop of steps over a set of live sequences. Per step: route every sequence at once
+(the router's embedding of each decoded text, kept incrementally), run each routed expert **once** on
+the rows routed to it, each (sequence, expert) pair continuing its own KV cache (a row newly routed
+to an expert first feeds that expert its window, in the same call), mix the experts' next-token
+distributions with the mixture kernel, sample per row, retire finished rows and admit waiting ones.
+
+    engine = Engine(ensemble, max_batch=64)
+    a = engine.add("Once upon", SamplingParams(max_new_tokens=20, temperature=0))
+    while engine.has_work():
+        for event in engine.step():   # one Event per sequence that advanced
+            print(event.seq_id, event.text, event.finish_reason)
+
+When every expert shares one Llama-family architecture (the usual case: all branch from one seed),
+the experts run as :class:`~cbtm.stacked.StackedExperts` (one grouped matmul per layer for all
+routed groups); otherwise each routed expert runs its own transformers forward per row.
+
+A sequence's window is what the experts see: the start token (:func:`~cbtm.tokens.start_token_id`)
+and its tokens; when it reaches the experts' context it becomes the start token and its last half
+(and the caches are rebuilt), so prompts of any length and unbounded generations work. Routing
+always reads the whole decoded text. A row's output never depends on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections import deque
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import defaults, models, ops
+from .embed import normalise
+from .router import keep_top_k
+from .tokens import start_token_id
+
+_ALL = "all"  # SamplingParams.top_k for every expert
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is decoded.
+
+    temperature: 0 means greedy (as does ``greedy=True``); top_p: nucleus mass in (0, 1]; seed: the
+    row's own random generator (None: a fresh one per sequence from the engine's seed sequence).
+    stop: strings that end the generation (the returned text stops before them); min_tokens /
+    ignore_eos: EOS is not sampled before ``min_tokens`` tokens / at all. logprobs: also return the
+    chosen token's log-prob and this many most likely alternatives (0: only the chosen one).
+    top_k: experts per token (None: the ensemble's; "all"); experts: the experts this sequence may
+    use (None: all); routing: "prefix" or "distance" (None: the ensemble's router); return_routing:
+    report the experts and weights behind every token.
+    """
+
+    max_new_tokens: int = 50
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    top_k: int | str | None = None
+    experts: tuple[int, ...] | None = None
+    routing: str | None = None
+    return_routing: bool = False
+
+    def checked(self, n_experts: int) -> "SamplingParams":
+        """A validated copy (bad values are a ValueError naming the field)."""
+        def integer(name, value, low, high):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+            return int(value)
+
+        integer("max_new_tokens", self.max_new_tokens, 0, defaults.MAX_NEW_TOKENS)
+        integer("min_tokens", self.min_tokens, 0, defaults.MAX_NEW_TOKENS)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        if self.seed is not None:
+            integer("seed", self.seed, 0, 2**63 - 1)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None:
+            integer("logprobs", self.logprobs, 0, defaults.MAX_LOGPROBS)
+        top_k = self.top_k
+        if top_k is not None and top_k != _ALL:
+            top_k = integer("top_k", top_k, 1, 1 << 30)
+        experts = self.experts
+        if experts is not None:
+            experts = tuple(integer("experts", e, 0, n_experts - 1) for e in experts)
+            if not experts:
+                raise ValueError("experts must name at least one expert")
+        if self.routing not in (None, "prefix", "distance"):
+            raise ValueError(f"routing must be 'prefix' or 'distance', got {self.routing!r}")
+        return dataclasses.replace(self, stop=stop, top_k=top_k, experts=experts, temperature=float(t),
+                                   top_p=float(p))
+
+
+@dataclasses.dataclass
+class Event:
+    """What one step did to one sequence.
+
+    token: the token generated (None when the step only ended the sequence: EOS or abort); text: the
+    new text released (held back while it may be the start of a stop string or an incomplete
+    character); logprob / top_logprobs: the token's mixture log-prob and the most likely alternatives
+    (when asked); routing: ``[(expert, weight), ...]`` that produced the token (when asked);
+    finish_reason: None while running, then "stop" (EOS or a stop string), "length" or "abort".
+    """
+
+    seq_id: int
+    token: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    routing: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+class Sequence_:
+    """One sequence's state: its window, text, per-expert caches, sampler and output so far."""
+
+    def __init__(self, seq_id: int, params: SamplingParams, prefix: str, tail: list[int], start: int,
+                 stream, gen: torch.Generator | None, n_experts: int):
+        self.id, self.params = seq_id, params
+        self.prefix, self.tail = prefix, tail  # routing text: prefix + decode(tail)
+        self.window = [start] + tail  # what the experts see
+        self.new: list[int] = []  # generated tokens
+        self.text = ""  # their decoded text
+        self.emitted = 0  # characters of text released
+        self.experts: dict[int, list] = {}  # expert -> [cache handle, window tokens consumed]
+        self.stream, self.gen = stream, gen
+        self.loglik = np.zeros(n_experts)  # BTM posterior: log-likelihood of the generated tokens
+        self.last_logits: dict[int, torch.Tensor] = {}  # posterior: each expert's last logits
+        self.finish: str | None = None
+
+
+class Engine:
+    """Continuous batching over an :class:`~cbtm.ensemble.Ensemble` (see the module docstring).
+
+    ``add`` queues a sequence, ``step`` advances every running one by one token (admitting queued ones
+    up to ``max_batch``) and returns their :class:`Event`; ``abort`` ends one. The lower-level
+    ``open`` / ``extend`` / ``fork`` / ``close`` serve ``EnsembleForCausalLM``, which feeds tokens
+    itself. Not thread-safe: one thread drives an engine.
+    """
+
+    def __init__(self, ensemble, max_batch: int = defaults.MAX_BATCH, seed: int = 0):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.ens, self.max_batch = ensemble, max_batch
+        self.tok = ensemble.tokenizer
+        self.start = start_token_id(self.tok)
+        self.eos = self.tok.eos_token_id
+        self.k = ensemble.n_experts
+        self.vocab = ensemble.pool.vocab_size()
+        self.real_vocab = len(self.tok)  # ids past it (a padded vocabulary) are never generated
+        self.runner = _StackedRunner(ensemble) if _StackedRunner.usable(ensemble) else _ModelRunner(ensemble)
+        self.running: dict[int, Sequence_] = {}
+        self.waiting: deque[Sequence_] = deque()
+        self._ids = itertools.count()
+        self._seeds = np.random.SeedSequence(seed)
+
+    # ---- continuous batching --------------------------------------------------------------------
+
+    def add(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt (text, or token ids without the start token); returns its sequence id."""
+        seq = self._new(prompt, (params or SamplingParams()).checked(self.k))
+        self.waiting.append(seq)
+        return seq.id
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def abort(self, seq_id: int) -> bool:
+        """End a queued or running sequence now (its caches are freed); False if it is not here."""
+        for seq in list(self.waiting):
+            if seq.id == seq_id:
+                self.waiting.remove(seq)
+                return True
+        seq = self.running.pop(seq_id, None)
+        if seq is None:
+            return False
+        self.runner.release(seq)
+        return True
+
+    def step(self) -> list[Event]:
+        """Advance every running sequence by one token; finished ones leave (their event says why)."""
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting.popleft()
+            self.running[seq.id] = seq
+        seqs = list(self.running.values())
+        if not seqs:
+            return []
+        events = [Event(s.id, None, "", finish_reason="length") for s in seqs if s.params.max_new_tokens == 0]
+        for e in events:
+            self._retire(self.running[e.seq_id])
+        seqs = [s for s in seqs if s.finish is None]
+        if seqs:
+            for s in seqs:
+                self._slide(s)
+            w = self._route(seqs)  # (B, K)
+            logp = torch.cat(self._forward(seqs, [x[None] for x in w]))  # (B, V)
+            events += self._sample(seqs, logp, w)
+        return events
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams]) -> list[Sequence_]:
+        """Run prompts to completion (their params one each); the finished sequences in prompt order."""
+        ids = [self.add(p, q) for p, q in zip(prompts, params)]
+        done: dict[int, Sequence_] = {}
+        by_id = {s.id: s for s in self.waiting}
+        while self.has_work():
+            for e in self.step():
+                if e.finish_reason is not None and e.seq_id in by_id:
+                    done[e.seq_id] = by_id[e.seq_id]
+        return [done[i] for i in ids]
+
+    # ---- feeding tokens directly (EnsembleForCausalLM) ------------------------------------------
+
+    def open(self) -> Sequence_:
+        """A sequence outside the batch loop, fed by :meth:`extend` (its window holds the start token)."""
+        return self._new([], SamplingParams().checked(self.k))
+
+    def extend(self, seqs: Sequence[Sequence_], tokens: Sequence[Sequence[int]], all_positions: bool) -> list[torch.Tensor]:
+        """Append tokens to sequences; the mixture's log-probs after each appended token (n, V), or after
+        the last only (1, V) when not ``all_positions`` (then a window that outgrows the context slides,
+        as in generation; with ``all_positions`` it must fit). A sequence's first tokens may begin with
+        the start token; it is not added twice."""
+        rows, weights, order = [], [], []
+        for seq, new in zip(seqs, tokens):
+            new = [int(t) for t in new]
+            bad = [t for t in new if not 0 <= t < self.vocab]
+            if bad:
+                raise ValueError(f"input_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab})")
+            n = len(new)
+            if seq.window == [self.start] and not seq.tail and new[:1] == [self.start]:
+                new = new[1:]
+            seq.tail += new
+            seq.window += new
+            if all_positions:
+                if not n:
+                    order.append(None)
+                    continue
+                if len(seq.window) > self.ens.context:
+                    raise ValueError(f"{len(seq.window)} tokens: the experts' context is {self.ens.context} "
+                                     "tokens (longer inputs slide only while generating)")
+                weights.append(self._route_positions(seq, n))
+            else:
+                self._slide(seq)
+                weights.append(self._route([seq]))
+            order.append(len(rows))
+            rows.append(seq)
+        out = self._forward(rows, weights) if rows else []
+        return [out[i] if i is not None else torch.zeros(0, self.vocab) for i in order]
+
+    def fork(self, seq: Sequence_) -> Sequence_:
+        """A copy of a sequence with copies of its caches (beam search)."""
+        twin = Sequence_(next(self._ids), seq.params, seq.prefix, list(seq.tail), self.start,
+                         None, None, self.k)
+        twin.window, twin.new, twin.text = list(seq.window), list(seq.new), seq.text
+        twin.stream = self.ens.router.embedder.stream(seq.stream.text) if seq.stream is not None else None
+        for j, (handle, done) in seq.experts.items():
+            twin.experts[j] = [self.runner.copy(handle, done), done]
+        return twin
+
+    def close(self, seq: Sequence_) -> None:
+        """Free an opened sequence's caches."""
+        self.runner.release(seq)
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _new(self, prompt, params: SamplingParams) -> Sequence_:
+        if isinstance(prompt, str):
+            prefix, tail = prompt, []
+            ids = self.ens.encode(prompt)
+        else:
+            if isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__iter__"):
+                raise TypeError(f"a prompt is a str or a sequence of token ids, got {type(prompt).__name__}")
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab})")
+            prefix, tail = "", ids
+        seed = params.seed if params.seed is not None else int(self._seeds.spawn(1)[0].generate_state(1)[0])
+        gen = torch.Generator().manual_seed(seed) if not (params.greedy or params.temperature == 0) else None
+        stream = self.ens.router.embedder.stream() if self.ens.router is not None else None
+        seq = Sequence_(next(self._ids), params, prefix, tail, self.start, stream, gen, self.k)
+        if isinstance(prompt, str):
+            seq.window = [self.start] + ids
+        return seq
+
+    def _slide(self, seq: Sequence_) -> None:
+        """Keep the window inside the experts' context: the start token and its last half."""
+        L = self.ens.context
+        if len(seq.window) >= L:
+            seq.window = [self.start] + seq.window[-(L // 2):]
+            self.runner.release(seq)
+
+    def _texts(self, seqs: Sequence[Sequence_]) -> list[str]:
+        decoded = self.tok.batch_decode([s.tail for s in seqs], skip_special_tokens=True)
+        return [s.prefix + d for s, d in zip(seqs, decoded)]
+
+    def _route(self, seqs: Sequence[Sequence_]) -> np.ndarray:
+        """Weights (B, K) of each sequence's next token, from its whole text so far."""
+        ens, B = self.ens, len(seqs)
+        allowed = np.ones((B, self.k), bool)
+        for b, s in enumerate(seqs):
+            if s.params.experts is not None:
+                allowed[b] = False
+                allowed[b, list(s.params.experts)] = True
+        top_k = [self._top_k(s) for s in seqs]
+        if ens.kind == "cluster":
+            for s, text in zip(seqs, self._texts(seqs)):
+                s.stream.update(text)
+            emb = normalise(np.stack([s.stream.vector() for s in seqs]))
+            w = np.zeros((B, self.k), np.float32)
+            for key in set(zip((s.params.routing for s in seqs), top_k)):
+                rows = [b for b, s in enumerate(seqs) if (s.params.routing, top_k[b]) == key]
+                router = ens.router if key[0] in (None, ens.router.routing) else self._router(key[0])
+                w[rows] = router.weights(emb[rows], allowed[rows], key[1])
+            return w
+        if ens.kind == "uniform":
+            logp = np.log(np.tile(ens.prior, (B, 1)))
+        else:  # BTM posterior: prior times the likelihood of the generated tokens
+            logp = np.log(ens.prior)[None] + np.stack([s.loglik for s in seqs])
+        logp = np.where(allowed, logp, -np.inf)
+        p = np.exp(logp - logp.max(1, keepdims=True))
+        return np.stack([keep_top_k(p[b:b + 1], top_k[b])[0] for b in range(B)]).astype(np.float32)
+
+    def _top_k(self, seq: Sequence_) -> int:
+        t = seq.params.top_k
+        if t is None:
+            t = self.ens.top_k
+        return self.k if t is None or t == _ALL else min(int(t), self.k)
+
+    def _router(self, routing: str):
+        """The ensemble's experts routed by ``routing`` ("distance", or "prefix" when the run has one)."""
+        if routing == "distance":
+            return self.ens.router.by_distance()
+        raise ValueError("routing='prefix' needs the run's prefix router (fit it with `cbtm cluster fit-prefix`); "
+                         "this ensemble routes by distance")
+
+    def _route_positions(self, seq: Sequence_, n: int) -> np.ndarray:
+        """Weights (n, K) after each of the last n tokens of a sequence's tail (its contexts decoded)."""
+        ens = self.ens
+        if ens.kind != "cluster":
+            return np.repeat(self._route([seq]), n, axis=0)
+        ids = seq.tail
+        texts = [seq.prefix + t for t in self.tok.batch_decode(
+            [ids[:t] for t in range(len(ids) - n + 1, len(ids) + 1)], skip_special_tokens=True)]
+        seq.stream.update(texts[-1])
+        top_k = self._top_k(seq)
+        router = ens.router if seq.params.routing in (None, ens.router.routing) else self._router(seq.params.routing)
+        full = texts[-1]
+        if all(full.startswith(t) for t in texts):  # one text, its prefixes embedded incrementally
+            emb = ens.router.embedder.prefix_embeddings(full, [len(t) for t in texts])
+        else:  # a character split across tokens decodes differently alone: embed each context on its own
+            emb = ens.router.embedder.transform(texts)
+        allowed = None
+        if seq.params.experts is not None:
+            allowed = np.zeros((n, self.k), bool)
+            allowed[:, list(seq.params.experts)] = True
+        return router.weights(emb, allowed, top_k)
+
+    def _forward(self, seqs: Sequence[Sequence_], weights: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Mixture log-probs (n_b, V) after each of the last n_b window tokens of every sequence, given
+        the routing weights there (n_b, K): every expert routed to runs once for all its rows."""
+        segments = []  # (row, expert, window start fed, first position wanted)
+        posterior = self.ens.kind == "posterior"
+        for b, (seq, w) in enumerate(zip(seqs, weights)):
+            n, end = len(w), len(seq.window)
+            for j in range(self.k):
+                routed = np.flatnonzero(w[:, j] > 0)
+                if not len(routed) and not posterior:
+                    continue
+                last = end - n + (int(routed[-1]) if len(routed) and not posterior else n - 1)
+                handle = seq.experts.get(j)
+                done = handle[1] if handle is not None else 0
+                segments.append((b, j, done, last + 1, end - n))
+        logits = self.runner.run(seqs, segments)  # per segment (positions wanted, V)
+        table = torch.cat([torch.zeros(1, self.vocab)] + logits)  # row 0: a placeholder never weighted
+        base = np.cumsum([1] + [len(lg) for lg in logits])
+        starts = np.cumsum([0] + [len(w) for w in weights])
+        R = int(starts[-1])
+        routed = np.concatenate([w > 0 for w in weights])  # (R, K)
+        kmax = max(1, int(routed.sum(1).max()))
+        idx = np.zeros((kmax, R), np.int64)  # the table row of each mixed (position, expert)
+        logw = np.full((R, kmax), -np.inf)
+        filled = np.zeros(R, np.int64)
+        for (b, j, done, stop, first), row0 in zip(segments, base[:-1]):
+            n, end = len(weights[b]), len(seqs[b].window)
+            t = np.arange(n)
+            pos = end - n + t  # window index whose next token position t predicts
+            ok = (weights[b][:, j] > 0) & (pos < stop)
+            r = starts[b] + t[ok]
+            idx[filled[r], r] = row0 + pos[ok] - first
+            with np.errstate(divide="ignore"):
+                logw[r, filled[r]] = np.log(weights[b][t[ok], j].astype(np.float64))
+            filled[r] += 1
+        if self.ens.kind == "posterior":
+            for (b, j, done, stop, first), lg in zip(segments, logits):
+                seqs[b].last_logits[j] = lg[-1]
+        dev = self.ens.mix_device
+        mixed = ops.weighted_logsumexp([table.index_select(0, torch.from_numpy(i)).to(dev) for i in idx],
+                                       torch.from_numpy(logw).float().to(dev)).cpu()  # (R, V)
+        return [mixed[starts[b]:starts[b + 1]] for b in range(len(seqs))]
+
+    def _sample(self, seqs: Sequence[Sequence_], logp: torch.Tensor, w: np.ndarray) -> list[Event]:
+        """Choose each row's next token from its mixture log-probs (B, V); update and retire rows."""
+        masked = logp.clone()
+        masked[:, self.real_vocab:] = -math.inf  # ids of a padded vocabulary are never generated
+        for b, s in enumerate(seqs):
+            if self.eos is not None and (s.params.ignore_eos or len(s.new) < s.params.min_tokens):
+                masked[b, self.eos] = -math.inf
+        greedy = torch.argmax(masked, dim=-1).tolist()
+        events = []
+        for b, s in enumerate(seqs):
+            p = s.params
+            if s.gen is None:
+                tok = greedy[b]
+            else:
+                tok = _sample(masked[b] / p.temperature, p.top_p, s.gen)
+            ev = Event(s.id, tok, "")
+            if p.logprobs is not None:
+                ev.logprob = float(logp[b, tok])
+                if p.logprobs:
+                    top = torch.topk(logp[b], p.logprobs)
+                    ev.top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist()))
+            if p.return_routing:
+                ev.routing = [(int(j), float(w[b, j])) for j in np.flatnonzero(w[b] > 0)]
+            if self.ens.kind == "posterior":
+                for j, lg in s.last_logits.items():
+                    s.loglik[j] += float(torch.log_softmax(lg.float(), -1)[tok])
+            if tok == self.eos and not p.ignore_eos:
+                ev.token, s.finish = None, "stop"
+            else:
+                s.new.append(tok)
+                s.tail.append(tok)
+                s.window.append(tok)
+                self._release_text(s, ev)
+                if s.finish is None and len(s.new) >= p.max_new_tokens:
+                    s.finish = "length"
+            if s.finish is not None:
+                ev.text += s.text[s.emitted:]
+                s.emitted = len(s.text)
+                ev.finish_reason = s.finish
+                self._retire(s)
+            events.append(ev)
+        return events
+
+    def _release_text(self, seq: Sequence_, ev: Event) -> None:
+        """Decode the generated tokens; end at a stop string; release the text that is final."""
+        text = self.tok.decode(seq.new, skip_special_tokens=True)
+        stops = seq.params.stop
+        hit = [i for i in (text.find(s, max(0, seq.emitted - len(s) + 1)) for s in stops) if i >= 0]
+        if hit:
+            seq.text, seq.finish = text[:min(hit)], "stop"
+            return
+        seq.text = text
+        hold = 1 if text.endswith("\ufffd") else 0  # an incomplete character
+        for s in stops:  # the end of the text may be the start of a stop string
+            for n in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:n]):
+                    hold = n
+                    break
+        ready = len(text) - hold
+        if ready > seq.emitted:
+            ev.text = text[seq.emitted:ready]
+            seq.emitted = ready
+
+    def _retire(self, seq: Sequence_) -> None:
+        seq.finish = seq.finish or "length"
+        self.running.pop(seq.id, None)
+        self.runner.release(seq)
+
+
+def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> int:
+    """Nucleus sampling from (V,) logits."""
+    probs = torch.softmax(logits.double(), -1)
+    if top_p < 1:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+# ---------------------------------------------------------------------------------------------------
+# expert runners: run segments (a sequence's window from what an expert's cache holds, through the
+# last position it is routed at) and return the logits at the positions wanted
+
+
+class _ModelRunner:
+    """One transformers forward per (sequence, expert) segment, each pair with its own KV cache: the
+    generic path, for experts of mixed architectures or more experts than fit in memory."""
+
+    def __init__(self, ensemble):
+        self.ens = ensemble
+        self.cache_kw = models.cache_keyword()
+
+    def run(self, seqs, segments) -> list[torch.Tensor]:
+        out = []
+        for b, j, done, stop, first in segments:
+            seq = seqs[b]
+            past = seq.experts.get(j, (None, 0))[0]
+            model, dev = self.ens.pool.get(j), self.ens.pool.device(j)
+            with torch.no_grad():
+                r = model(input_ids=torch.tensor([seq.window[done:stop]], device=dev), use_cache=True,
+                          **{self.cache_kw: past})
+            seq.experts[j] = [getattr(r, self.cache_kw), stop]
+            self.ens.expert_calls[j] += 1
+            out.append(r.logits[0, first - done:].float().cpu())
+        return out
+
+    def release(self, seq) -> None:
+        seq.experts.clear()
+
+    def copy(self, handle, n: int):
+        import copy
+
+        return copy.deepcopy(handle)
+
+
+class _StackedRunner:
+    """All segments through :class:`~cbtm.stacked.StackedExperts`: one call for the rows that feed one
+    token, and padded chunks for those that feed several (a prompt, or a window newly routed)."""
+
+    def __init__(self, ensemble):
+        self.ens = ensemble
+        self.stacked = ensemble.stacked()
+        self.pool = self.stacked.new_pool(ensemble.context)
+
+    @staticmethod
+    def usable(ensemble) -> bool:
+        return ensemble.stacked() is not None
+
+    def run(self, seqs, segments) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(segments)
+        for b, j, done, stop, first in segments:
+            seq = seqs[b]
+            if j not in seq.experts:
+                seq.experts[j] = [self.pool.take(), 0]
+            self.ens.expert_calls[j] += 1
+        singles = [i for i, s in enumerate(segments) if s[3] - s[2] == 1]
+        longer = sorted((i for i, s in enumerate(segments) if s[3] - s[2] > 1),
+                        key=lambda i: segments[i][2] - segments[i][3])
+        groups = [singles] if singles else []
+        budget, a = self.ens.chunk_tokens, 0
+        while a < len(longer):
+            per = max(1, budget // (segments[longer[a]][3] - segments[longer[a]][2]))
+            groups.append(longer[a:a + per])
+            a += per
+        for group in groups:
+            self._run_group(seqs, segments, sorted(group, key=lambda i: segments[i][1]), out)
+        for b, j, done, stop, first in segments:
+            seqs[b].experts[j][1] = stop
+        return out
+
+    def _run_group(self, seqs, segments, group, out) -> None:
+        st = self.stacked
+        T = max(segments[i][3] - segments[i][2] for i in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        for p, i in enumerate(group):
+            b, j, done, stop, _ = segments[i]
+            ids[p, :stop - done] = torch.tensor(seqs[b].window[done:stop])
+        seg = [segments[i] for i in group]
+        experts = torch.tensor([s[1] for s in seg])
+        starts = torch.tensor([s[2] for s in seg])
+        lengths = torch.tensor([s[3] - s[2] for s in seg])
+        slots = torch.tensor([seqs[s[0]].experts[s[1]][0] for s in seg])
+        with torch.no_grad():
+            h = st.forward(ids, experts, starts, lengths, slots)  # (P, T, d)
+            rows = torch.cat([p * T + torch.arange(s[4] - s[2], s[3] - s[2]) for p, s in enumerate(seg)])
+            counts = torch.bincount(torch.tensor([s[1] for s in seg for _ in range(s[3] - s[4])]),
+                                    minlength=st.n_experts).tolist()
+            logits = st.logits(h.reshape(-1, h.shape[-1])[rows.to(h.device)], counts).float().cpu()
+        a = 0
+        for p, i in enumerate(group):
+            n = seg[p][3] - seg[p][4]
+            out[i] = logits[a:a + n]
+            a += n
+
+    def release(self, seq) -> None:
+        for handle, _ in seq.experts.values():
+            self.pool.release(handle)
+        seq.experts.clear()
+
+    def copy(self, handle, n: int):
+        slot = self.pool.take()
+        self.pool.copy(handle, slot, n)
+        return slot
+
+
+@torch.no_grad()
+def generate_ref(ensemble, prompts: Sequence[str], params: Sequence[SamplingParams],
+                 logprobs: list | None = None) -> list[str]:
+    """The plain reference of the engine: one prompt at a time, one transformers forward per routed
+    expert per step (each with its own cache), routing by re-embedding the whole text at every step.
+    EOS, ``max_new_tokens``, greedy / temperature / top_p and the per-sequence seed; no stop strings.
+    ``logprobs``: a list that receives, per prompt, the mixture log-prob of every generated token."""
+    ens, tok = ensemble, ensemble.tokenizer
+    start, eos, real = start_token_id(tok), tok.eos_token_id, len(tok)
+    cache_kw = models.cache_keyword()
+    out = []
+    for prompt, p in zip(prompts, params):
+        p = p.checked(ens.n_experts)
+        gen = None if p.greedy or p.temperature == 0 else torch.Generator().manual_seed(p.seed or 0)
+        ids, new, caches = [start] + ens.encode(prompt), [], {}
+        loglik, chosen = np.zeros(ens.n_experts), []
+        top_k = ens.n_experts if p.top_k == _ALL else p.top_k or ens.top_k
+        for _ in range(p.max_new_tokens):
+            if len(ids) >= ens.context:
+                ids = [start] + ids[-(ens.context // 2):]
+                caches.clear()
+            text = prompt + tok.decode(new, skip_special_tokens=True)
+            if ens.kind == "cluster":
+                w = ens.router.weights(ens.router.embedder.transform([text]), top_k=top_k)[0]
+            else:
+                logp = np.log(ens.prior) + (loglik if ens.kind == "posterior" else 0)
+                w = keep_top_k(np.exp(logp - logp.max())[None], top_k)[0].astype(np.float32)
+            active = [j for j in range(ens.n_experts) if w[j] > 0 or ens.kind == "posterior"]
+            logits = []
+            for j in active:
+                past, done = caches.get(j, (None, 0))
+                r = ens.pool.get(j)(input_ids=torch.tensor([ids[done:]], device=ens.pool.device(j)),
+                                    use_cache=True, **{cache_kw: past})
+                caches[j] = (getattr(r, cache_kw), len(ids))
+                logits.append(r.logits[0, -1:].float().to(ens.mix_device))  # (1, V)
+            with np.errstate(divide="ignore"):
+                lw = torch.from_numpy(np.log(w[active].astype(np.float64))).float()[None].to(ens.mix_device)
+            logp = ops.weighted_logsumexp(logits, lw)[0].cpu()  # (V,)
+            logp[real:] = -math.inf
+            if eos is not None and (p.ignore_eos or len(new) < p.min_tokens):
+                logp[eos] = -math.inf
+            nxt = int(torch.argmax(logp)) if gen is None else _sample(logp / p.temperature, p.top_p, gen)
+            if ens.kind == "posterior":
+                loglik += np.array([float(torch.log_softmax(lg[0], -1)[nxt]) for lg in logits])
+            if nxt == eos and not p.ignore_eos:
+                break
+            ids.append(nxt)
+            new.append(nxt)
+            chosen.append(float(logp[nxt]))
+        out.append(tok.decode(new, skip_special_tokens=True))
+        if logprobs is not None:
+            logprobs.append(chosen)
+    return out

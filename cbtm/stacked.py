@@ -1,0 +1,320 @@
+"""Experts of one architecture, their weights stacked: every layer runs for all routed groups at once.
+
+C-BTM experts usually branch from one seed, so they share an architecture. Stacking their weights
+``(K, out, in)`` lets each linear layer run for every expert's rows in one grouped matmul (the MoE /
+multi-LoRA trick: Punica's SGMV, S-LoRA), and attention, which has no expert weights, runs for every
+(sequence, expert) pair in one call over a shared pool of KV-cache slots. One forward then costs a
+fixed number of tensor ops whatever the number of routed experts, instead of one model call per
+expert (or per row).
+
+Supported: the Llama family as transformers implements it (``llama``, ``mistral``, ``qwen2``: RMSNorm,
+rotary positions of any rope type, grouped-query attention, gated MLP, optional biases, tied or untied
+head). :meth:`StackedExperts.build` checks the stacked forward against each expert's own transformers
+forward and returns ``None`` (the caller keeps one model call per expert) for anything else.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+CHECK_TOKENS = 12   # tokens of the self-check forward against transformers
+CHECK_ATOL = 1e-3   # its tolerance on the logits (float32; half precision is checked 20x looser)
+POOL_SLOTS = 16     # KV slots allocated at first (the pool doubles when full)
+POOL_LENGTH = 128   # positions per slot allocated at first (doubles up to the experts' context)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], bias: torch.Tensor | None = None,
+                   offs: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of ``x`` (N, in) grouped by expert (``counts[j]`` consecutive rows for expert j, zeros allowed)
+    times their expert's ``weight[j].T`` (K, out, in) (+ ``bias[j]`` (K, out)): (N, out). One grouped
+    matmul where torch has it for this device and dtype, one matmul per non-empty group otherwise."""
+    out = None
+    if offs is not None and _grouped_mm_ok(x):
+        try:
+            out = F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
+        except RuntimeError:
+            _GROUPED_MM_FAILED.add((x.device.type, x.dtype))
+    if out is None:
+        parts, a = [], 0
+        for j, n in enumerate(counts):
+            if n:
+                parts.append(x[a:a + n] @ weight[j].T)
+                a += n
+        out = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+    if bias is not None:
+        out += torch.repeat_interleave(bias, torch.as_tensor(counts, device=x.device), dim=0)
+    return out
+
+
+_GROUPED_MM_FAILED: set = set()
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    return (hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (x.device.type, x.dtype) not in _GROUPED_MM_FAILED)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class KVPool:
+    """Key/value cache slots shared by every expert: per layer (slots, kv heads, positions, head dim).
+    A slot holds one (sequence, expert) pair's cache; slots and positions grow by doubling."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, max_length: int, dtype, device):
+        self.layers, self.heads, self.head_dim, self.max_length = layers, heads, head_dim, max_length
+        self.dtype, self.device = dtype, device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.free: list[int] = []
+        self._alloc(POOL_SLOTS, min(POOL_LENGTH, max_length))
+
+    def _alloc(self, slots: int, length: int) -> None:
+        old = len(self.k[0]) if self.k else 0
+        new_k, new_v = [], []
+        for layer in range(self.layers):
+            k = torch.zeros(slots, self.heads, length, self.head_dim, dtype=self.dtype, device=self.device)
+            v = torch.zeros_like(k)
+            if old:
+                n = self.k[layer].shape[2]
+                k[:old, :, :n] = self.k[layer]
+                v[:old, :, :n] = self.v[layer]
+            new_k.append(k)
+            new_v.append(v)
+        self.k, self.v = new_k, new_v
+        self.free += list(range(slots - 1, old - 1, -1))
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    def take(self) -> int:
+        if not self.free:
+            self._alloc(2 * self.slots, self.length)
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def reserve(self, length: int) -> None:
+        """Make every slot hold at least ``length`` positions."""
+        if length > self.max_length:
+            raise ValueError(f"{length} positions: the experts' context is {self.max_length}")
+        if length > self.length:
+            grown = self.length
+            while grown < length:
+                grown *= 2
+            self._alloc(self.slots, min(grown, self.max_length))
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """The first ``n`` positions of slot ``src`` into slot ``dst`` (a forked sequence)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+
+
+class StackedExperts:
+    """K experts of one Llama-family architecture with stacked weights (see the module docstring).
+
+    After :meth:`build`, the experts' own parameters are views into the stacked tensors (no second
+    copy of the weights), so their transformers forward keeps working.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module]):
+        first = models[0]
+        cfg = first.config
+        self.config = cfg
+        self.n_experts = len(models)
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.eps = cfg.rms_norm_eps
+        self.act = first.model.layers[0].mlp.act_fn
+        self.rotary = first.model.rotary_emb
+        self.scaling = first.model.layers[0].self_attn.scaling
+        self.device, self.dtype = first.lm_head.weight.device, first.lm_head.weight.dtype
+        self.vocab_size = first.lm_head.weight.shape[0]
+        self.tied = first.lm_head.weight is first.model.embed_tokens.weight
+
+        def stack(get, *, fuse=None):
+            """(K, ...) of one parameter (or of several concatenated along dim 0), rebinding every
+            expert's parameters to views of it."""
+            names = fuse or [None]
+            parts = [[get(m, n) for n in names] for m in models]
+            if parts[0][0] is None:
+                return None
+            out = torch.stack([torch.cat([p.detach() for p in ps]) for ps in parts])
+            for j, ps in enumerate(parts):
+                a = 0
+                for p in ps:
+                    p.data = out[j, a:a + p.shape[0]]
+                    a += p.shape[0]
+            return out
+
+        self.embed = stack(lambda m, _: m.model.embed_tokens.weight)  # (K, V, d)
+        self.head = self.embed if self.tied else stack(lambda m, _: m.lm_head.weight)
+        self.norm = stack(lambda m, _: m.model.norm.weight)  # (K, d)
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            def sub(name, field):
+                return lambda m, n: getattr(getattr(getattr(m.model.layers[i], name), n), field)
+
+            def bias(name):
+                return lambda m, n: getattr(getattr(m.model.layers[i], name), n).bias
+
+            qkv = ["q_proj", "k_proj", "v_proj"]
+            self.layers.append({
+                "ln1": stack(lambda m, _: m.model.layers[i].input_layernorm.weight),
+                "ln2": stack(lambda m, _: m.model.layers[i].post_attention_layernorm.weight),
+                "qkv": stack(sub("self_attn", "weight"), fuse=qkv),
+                "qkv_b": stack(bias("self_attn"), fuse=qkv),
+                "o": stack(lambda m, _: m.model.layers[i].self_attn.o_proj.weight),
+                "o_b": stack(lambda m, _: m.model.layers[i].self_attn.o_proj.bias),
+                "gate_up": stack(sub("mlp", "weight"), fuse=["gate_proj", "up_proj"]),
+                "gate_up_b": stack(bias("mlp"), fuse=["gate_proj", "up_proj"]),
+                "down": stack(lambda m, _: m.model.layers[i].mlp.down_proj.weight),
+                "down_b": stack(lambda m, _: m.model.layers[i].mlp.down_proj.bias),
+            })
+        self.pool: KVPool | None = None
+
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, models: Sequence[torch.nn.Module]) -> "StackedExperts | None":
+        """Stack the experts when they share one supported architecture, configuration, device and dtype
+        and the stacked forward reproduces each one's own forward; otherwise ``None``."""
+        reason = _unsupported(models)
+        if reason is not None:
+            return None
+        probe = torch.randint(0, models[0].config.vocab_size, (1, CHECK_TOKENS),
+                              generator=torch.Generator().manual_seed(0)).to(models[0].lm_head.weight.device)
+        with torch.no_grad():
+            want = [m(input_ids=probe).logits[0].float() for m in models]
+        stacked = cls(models)
+        tol = CHECK_ATOL * (1 if stacked.dtype == torch.float32 else 20)
+        k = len(models)
+        with torch.no_grad():
+            h = stacked.forward(probe.expand(k, -1), torch.arange(k, device=probe.device),
+                                torch.zeros(k, dtype=torch.long), torch.full((k,), CHECK_TOKENS))
+            got = stacked.logits(h.reshape(k * CHECK_TOKENS, -1),
+                                 [CHECK_TOKENS] * k).float().reshape(k, CHECK_TOKENS, -1)
+        worst = max(float((g - w).abs().max()) for g, w in zip(got, want))
+        if not worst <= tol:
+            warnings.warn(f"stacked experts differ from their own forward by {worst:.3g} (> {tol:g}): "
+                          "running one forward per expert instead", RuntimeWarning, stacklevel=2)
+            return None
+        return stacked
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of x (P, T, d) with each row's expert weights w (P, d), as transformers computes it."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w[:, None, :] * x.to(dtype)
+
+    def forward(self, ids: torch.Tensor, experts: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (P, T, d) of P segments: segment p feeds ``ids[p, :lengths[p]]`` (the rest
+        is padding) to expert ``experts[p]`` at window positions ``starts[p]...``. ``experts`` must be
+        sorted. With ``slots`` (P,), segment p continues the cache in KV slot ``slots[p]`` (which holds
+        its first ``starts[p]`` positions) and extends it; without, every segment starts at 0 with no
+        cache."""
+        P, T = ids.shape
+        dev = self.device
+        ids, experts = ids.to(dev), experts.to(dev)
+        starts, lengths = starts.to(dev), lengths.to(dev)
+        counts = torch.bincount(experts, minlength=self.n_experts) * T  # rows per expert
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        counts = counts.tolist()
+        positions = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
+        x = self.embed[experts[:, None], ids]  # (P, T, d)
+        cos, sin = self.rotary(x, positions)  # (P, T, hd)
+        cos, sin = cos[:, None], sin[:, None]
+        hq, hk, hd = self.heads, self.kv_heads, self.head_dim
+        if slots is not None:
+            slots = slots.to(dev)
+            end = int((starts + lengths).max())
+            self.pool.reserve(end)
+            valid = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # (P, T)
+            vp, vt = valid.nonzero(as_tuple=True)
+            keys = torch.arange(end, device=dev)
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (P, 1, T, end)
+        for i, layer in enumerate(self.layers):
+            h = self._norm(x, layer["ln1"][experts]).reshape(P * T, -1)
+            qkv = grouped_linear(h, layer["qkv"], counts, layer["qkv_b"], offs)
+            q, k, v = qkv.split([hq * hd, hk * hd, hk * hd], dim=-1)
+            q = q.view(P, T, hq, hd).transpose(1, 2)  # (P, Hq, T, hd)
+            k = k.view(P, T, hk, hd).transpose(1, 2)
+            v = v.view(P, T, hk, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if slots is None:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                                   enable_gqa=hk != hq)
+            else:
+                pk, pv = self.pool.k[i], self.pool.v[i]
+                pk[slots[vp], :, positions[vp, vt]] = k[vp, :, vt]
+                pv[slots[vp], :, positions[vp, vt]] = v[vp, :, vt]
+                a = F.scaled_dot_product_attention(q, pk[:, :, :end].index_select(0, slots),
+                                                   pv[:, :, :end].index_select(0, slots), attn_mask=mask,
+                                                   scale=self.scaling, enable_gqa=hk != hq)
+            a = a.transpose(1, 2).reshape(P * T, hq * hd)
+            x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs).view(P, T, -1)
+            h = self._norm(x, layer["ln2"][experts]).reshape(P * T, -1)
+            gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
+            x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs).view(P, T, -1)
+        return self._norm(x, self.norm[experts])
+
+    def logits(self, h: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Logits (N, V) of final hidden states h (N, d) grouped by expert (``counts[j]`` rows each)."""
+        counts = list(counts) + [0] * (self.n_experts - len(counts))
+        offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(h.device)
+        return grouped_linear(h, self.head, counts, None, offs)
+
+    # ---- KV slots ---------------------------------------------------------------------------------
+
+    def new_pool(self, max_length: int) -> KVPool:
+        """The KV pool (created on first use) for windows of at most ``max_length`` positions."""
+        if self.pool is None:
+            self.pool = KVPool(len(self.layers), self.kv_heads, self.head_dim, max_length, self.dtype, self.device)
+        return self.pool
+
+
+def _unsupported(models: Sequence[torch.nn.Module]) -> str | None:
+    """Why these experts cannot be stacked, or None."""
+    first = models[0]
+    cfg = first.config
+    if cfg.model_type not in MODEL_TYPES:
+        return f"model_type {cfg.model_type!r}"
+    keys = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+    ref = {k: v for k, v in cfg.to_dict().items() if k not in keys}
+    for m in models[1:]:
+        if {k: v for k, v in m.config.to_dict().items() if k not in keys} != ref:
+            return "the experts' configs differ"
+    if getattr(cfg, "sliding_window", None) and cfg.sliding_window < (cfg.max_position_embeddings or 0) \
+            and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    params = [p for m in models for p in m.parameters()]
+    if len({(p.device, p.dtype) for p in params}) != 1:
+        return "the experts are on several devices or dtypes"
+    for layer in first.model.layers:
+        extra = set(dict(layer.self_attn.named_children())) - {"q_proj", "k_proj", "v_proj", "o_proj"}
+        extra |= set(dict(layer.mlp.named_children())) - {"gate_proj", "up_proj", "down_proj", "act_fn"}
+        if extra:
+            return f"layer modules {sorted(extra)}"
+        if "RMSNorm" not in type(layer.input_layernorm).__name__:
+            return "a norm other than RMSNorm"
+    return None
