@@ -49,3 +49,225 @@ def test_greedy_equals_reference(request, which, top_k):
     seqs = engine.generate(PROMPTS, [_params(logprobs=0)] * len(PROMPTS))
     assert [s.text for s in seqs] == want
     assert (ens.stacked() is not None) == (which == "llama_run")
+
+
+@pytest.mark.parametrize("which", ["run", "llama_run"])
+@pytest.mark.parametrize("kind,top_k", [("cluster", 1), ("cluster", 2), ("cluster", None), ("uniform", 2),
+                                        ("posterior", 1)])
+def test_logprobs_equal_reference(request, which, kind, top_k):
+    ens = Ensemble.load(request.getfixturevalue(which), top_k=top_k, kind=kind)
+    want_lp = []
+    want = generate_ref(ens, PROMPTS[:3], [_params(10)] * 3, want_lp)
+    seqs, lps = _run(Engine(ens), PROMPTS[:3], [_params(10, logprobs=0)] * 3)
+    assert [s.text for s in seqs] == want
+    for got, exp in zip(lps, want_lp):
+        assert np.allclose(got, exp, atol=1e-4), (got, exp)
+
+
+def _run(engine, prompts, params, add_at=None):
+    """Drive an engine step by step; ``add_at[i]``: the step before which prompt i joins. Returns the
+    finished sequences and each one's per-token log-probs, in prompt order."""
+    add_at = add_at or [0] * len(prompts)
+    ids, lps, done, step = {}, {}, {}, 0
+    while len(done) < len(prompts):
+        for i, p in enumerate(prompts):
+            if add_at[i] == step:
+                sid = engine.add(p, params[i])
+                ids[sid] = i
+                lps[i] = []
+        queued = {s.id: s for s in list(engine.waiting) + list(engine.running.values())}
+        for e in engine.step():
+            i = ids[e.seq_id]
+            if e.token is not None and e.logprob is not None:
+                lps[i].append(e.logprob)
+            if e.finish_reason:
+                done[i] = queued[e.seq_id]
+        step += 1
+        assert step < 1000
+    return [done[i] for i in range(len(prompts))], [lps[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("which", ["run", "llama_run"])
+def test_a_row_does_not_depend_on_its_batch_mates(request, which):
+    """Greedy and seeded rows give the same tokens and log-probs alone, in a batch, joining late."""
+    ens = Ensemble.load(request.getfixturevalue(which), top_k=2)
+    target = [PROMPTS[2], PROMPTS[0]]
+    tparams = [_params(14, logprobs=0), SamplingParams(max_new_tokens=14, temperature=0.9, top_p=0.8, seed=7,
+                                                       logprobs=0)]
+    alone = [_run(Engine(ens), [p], [q]) for p, q in zip(target, tparams)]
+    others = PROMPTS[1:] + [t[:30] for t in PROMPTS]
+    oparams = [SamplingParams(max_new_tokens=3 + i, temperature=1.3, seed=i, top_k="all" if i % 2 else 1)
+               for i in range(len(others))]
+    for add_at in (None, [3, 5] + list(range(len(others)))):
+        seqs, lps = _run(Engine(ens, max_batch=4), target + others, tparams + oparams, add_at)
+        for i in range(2):
+            assert seqs[i].new == alone[i][0][0].new
+            assert np.allclose(lps[i], alone[i][1][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["run", "llama_run"])
+def test_sampling_equals_reference_per_row_seed(request, which):
+    ens = Ensemble.load(request.getfixturevalue(which), top_k=2)
+    params = [SamplingParams(max_new_tokens=12, temperature=t, top_p=p, seed=s)
+              for t, p, s in [(1.0, 1.0, 0), (0.7, 0.9, 1), (1.5, 0.5, 2)]]
+    want = generate_ref(ens, PROMPTS[:3], params)
+    assert [s.text for s in Engine(ens).generate(PROMPTS[:3], params)] == want
+    assert ens.generate(PROMPTS[:3], max_new_tokens=12, temperature=0.7, top_p=0.9, seed=5) == \
+        generate_ref(ens, PROMPTS[:3], [SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=5 + i)
+                                        for i in range(3)])
+
+
+def test_conventions_temperature_zero_stop_strings_lengths_long_prompts(llama_run):
+    ens = Ensemble.load(llama_run, top_k=2)
+    greedy = ens.generate(PROMPTS, max_new_tokens=20, greedy=True)
+    assert ens.generate(PROMPTS, max_new_tokens=20, temperature=0) == greedy
+    lengths = [0, 1, 5, 20, 3]
+    full = Engine(ens).generate(PROMPTS, [_params(20)] * len(PROMPTS))
+    short = Engine(ens).generate(PROMPTS, [_params(n) for n in lengths])
+    for s, f, n in zip(short, full, lengths):  # a prefix of the longer greedy output, of n tokens at most
+        assert f.new[:len(s.new)] == s.new and (len(s.new) == n or len(s.new) == len(f.new) < n)
+    stop = next(g[2:4] for g in greedy if len(g) > 4)
+    out = ens.generate(PROMPTS, max_new_tokens=20, temperature=0, stop=[stop, "zzzz"])
+    for o, g in zip(out, greedy):
+        assert o == (g[:g.index(stop)] if stop in g else g)
+    long = " ".join(PROMPTS * 8)  # longer than the experts' 48-token context: keeps its last tokens
+    assert len(ens.encode(long)) > ens.context
+    assert ens.generate([long], max_new_tokens=8, temperature=0) == generate_ref(ens, [long], [_params(8)])
+
+
+def test_streamed_text_is_the_final_text(llama_run):
+    ens = Ensemble.load(llama_run, top_k=1)
+    engine = Engine(ens)
+    params = SamplingParams(max_new_tokens=25, temperature=0, stop=("the ",))
+    sid = engine.add(PROMPTS[0], params)
+    parts, seq = [], engine.waiting[0]
+    while engine.has_work():
+        parts += [e.text for e in engine.step() if e.seq_id == sid]
+    assert "".join(parts) == seq.text and "the " not in seq.text
+
+
+def test_padded_vocabulary_and_stacked_scoring(llama_run, texts):
+    """The experts' vocabulary is 21 ids wider than the tokenizer: those ids are never generated, and
+    scoring through the stacked experts equals one forward per expert."""
+    ens = Ensemble.load(llama_run, top_k=2)
+    real = len(ens.tokenizer)
+    assert ens.pool.vocab_size() == real + 21 and ens.stacked() is not None
+    engine = Engine(ens)
+    seqs = engine.generate(PROMPTS, [SamplingParams(max_new_tokens=30, temperature=2.0, seed=i, ignore_eos=True)
+                                     for i in range(len(PROMPTS))])
+    assert all(len(s.new) == 30 and max(s.new) < real for s in seqs)
+    for top_k in (1, 2, None):
+        ens = Ensemble.load(llama_run, top_k=top_k)
+        stacked = ens.score(texts)
+        calls = list(ens.expert_calls)
+        ens.use_stacked = False
+        plain = ens.score(texts)
+        for a, b in zip(stacked, plain):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert calls == [c - c0 for c, c0 in zip(ens.expert_calls, calls)]  # the same (window, expert) pairs
+
+
+def test_stacked_and_generic_paths_agree_and_slots_are_freed(llama_run):
+    ens = Ensemble.load(llama_run, top_k=2)
+    engine = Engine(ens)
+    lp_a = _run(engine, PROMPTS, [_params(12, logprobs=0)] * len(PROMPTS))
+    pool = ens.stacked().pool
+    assert len(pool.free) == pool.slots  # every finished row gave its KV slots back
+    sid = engine.add(PROMPTS[0], _params(30))
+    engine.step(), engine.step()
+    assert len(pool.free) < pool.slots and engine.abort(sid) and len(pool.free) == pool.slots
+    assert not engine.abort(sid)
+    ens.use_stacked = False
+    ens._stacked.clear()
+    lp_b = _run(Engine(ens), PROMPTS, [_params(12, logprobs=0)] * len(PROMPTS))
+    assert [s.new for s in lp_a[0]] == [s.new for s in lp_b[0]]
+    for a, b in zip(lp_a[1], lp_b[1]):
+        assert np.allclose(a, b, atol=1e-5)
+
+
+def test_text_stream_equals_transform(run):
+    """The router's incremental embedding of a growing text equals re-embedding the text."""
+    from cbtm.embed import normalise
+    from cbtm.router import Router
+
+    emb = Router.load(run).embedder
+    text = "The Quick brown fox's 3rd jump\tover  the lazy dog.\n\nΣίσυφος ΟΔΟΣ running 42 times naïve café"
+    stream = emb.stream()
+    for cut in list(range(0, len(text), 3)) + [len(text)]:
+        stream.update(text[:cut])
+        assert np.allclose(normalise(stream.vector()[None]), emb.transform([text[:cut]]), atol=1e-6), cut
+    stream.update("something else entirely")  # not an extension: embedded afresh
+    assert np.allclose(normalise(stream.vector()[None]), emb.transform(["something else entirely"]), atol=1e-6)
+
+
+def test_bos_less_tokenizer_one_start_rule(run, tmp_path):
+    """A tokenizer without BOS (Qwen2-style): both decoders start sequences with EOS, and agree."""
+    from transformers import AutoTokenizer
+
+    from cbtm.hf_model import EnsembleForCausalLM
+
+    path = tmp_path / "run"
+    shutil.copytree(run, path, ignore=shutil.ignore_patterns("tokenizer"))
+    for e in ("experts",):
+        shutil.rmtree(path / e)
+        shutil.copytree(run / e, path / e)
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    tok.bos_token = None
+    tok.save_pretrained(path / "tokenizer")
+    model = EnsembleForCausalLM.from_run(path, top_k=2)
+    assert model.tokenizer.bos_token_id is None and model.ensemble.bos == tok.eos_token_id
+    want = Ensemble.load(path, top_k=2).generate(PROMPTS[:3], max_new_tokens=10, temperature=0)
+    mt = model.tokenizer
+    for p, w in zip(PROMPTS[:3], want):
+        enc = mt([p], return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False)
+        assert mt.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) == w
+
+
+def test_bad_inputs_name_the_argument(llama_run):
+    ens = Ensemble.load(llama_run, top_k=2)
+    cases = [(dict(prompts=None), TypeError, "prompts"), (dict(prompts=[]), ValueError, "empty"),
+             (dict(prompts=[3]), TypeError, "str"), (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+             (dict(max_new_tokens=10**12), ValueError, "max_new_tokens"),
+             (dict(max_new_tokens=[1, 2]), ValueError, "max_new_tokens"),
+             (dict(temperature=float("nan")), ValueError, "temperature"),
+             (dict(temperature=-1), ValueError, "temperature"), (dict(top_p=0), ValueError, "top_p"),
+             (dict(top_p=1.5), ValueError, "top_p"), (dict(seed=-3), ValueError, "seed"),
+             (dict(stop=[""]), ValueError, "stop")]
+    for kw, err, word in cases:
+        args = {"prompts": ["a", "b", "c"], **kw}
+        with pytest.raises(err, match=word):
+            ens.generate(args.pop("prompts"), **args)
+    engine = Engine(ens)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add([5, 10**6])
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add([-1])
+    with pytest.raises(ValueError, match="experts"):
+        engine.add("x", SamplingParams(experts=(0, K)))
+    with pytest.raises(ValueError, match="routing"):
+        engine.add("x", SamplingParams(routing="bogus"))
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(ens, max_batch=0)
+    assert not engine.has_work()  # nothing half-added
+
+
+def test_expert_subset_and_per_request_top_k(llama_run):
+    ens = Ensemble.load(llama_run, top_k=2)
+    engine = Engine(ens)
+    engine.add(PROMPTS[0], SamplingParams(max_new_tokens=8, temperature=0, experts=(1,), return_routing=True))
+    engine.add(PROMPTS[1], SamplingParams(max_new_tokens=8, temperature=0, top_k="all", return_routing=True))
+    engine.add(PROMPTS[2], SamplingParams(max_new_tokens=8, temperature=0, top_k=1, experts=(0, 2),
+                                          return_routing=True))
+    seen = {0: set(), 1: set(), 2: set()}
+    counts = {0: set(), 1: set(), 2: set()}
+    first = None
+    while engine.has_work():
+        for e in engine.step():
+            first = e.seq_id if first is None else min(first, e.seq_id)
+            i = e.seq_id - first
+            if e.routing:
+                seen[i] |= {j for j, _ in e.routing}
+                counts[i].add(len(e.routing))
+                assert abs(sum(w for _, w in e.routing) - 1) < 1e-5
+    assert seen[0] == {1} and counts[1] == {K} and counts[2] == {1} and seen[2] <= {0, 2}
