@@ -5,8 +5,8 @@ model per cluster, and merge the experts at inference as a sparse ensemble.
 
 The package, one concept per module, each depending only on those listed before it:
 corpus, embed, kmeans (with ops, the compiled kernels), assignments, cluster, tokens, models,
-training/, branch, experts, moe, router, ensemble, hf_model, harness, fewshot, evaluate, demo; cli on
-top. Names are imported on first use, so ``import cbtm`` stays cheap (no torch).
+training/, branch, experts, moe, router, pool, stacked, engine, ensemble, hf_model, harness, fewshot,
+evaluate, demo, server; cli on top. Names are imported on first use, so ``import cbtm`` stays cheap (no torch).
 """
 
 import importlib
@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS = {"BalancedKMeans": "kmeans", "Ensemble": "ensemble", "Router": "router", "TfidfEmbedder": "embed",
             "RunDir": "rundir", "EnsembleForCausalLM": "hf_model"}
 _MODULES = ("ops", "corpus", "embed", "kmeans", "assignments", "cluster", "tokens", "models", "training", "branch",
-            "experts", "moe", "router", "ensemble", "hf_model", "harness", "fewshot", "evaluate", "demo",
-            "cli", "defaults", "rundir")
+            "experts", "moe", "router", "pool", "stacked", "engine", "ensemble", "hf_model", "harness", "fewshot",
+            "evaluate", "demo", "cli", "defaults", "rundir")
 
 __all__ = sorted(_EXPORTS) + ["ops", "__version__"]
 

@@ -257,8 +257,9 @@ def test_bad_inputs(run, tmp_path):
     ens = Ensemble.load(run, top_k=1)
     with pytest.raises(TypeError):
         ens.score("a single string")
-    with pytest.raises(ValueError):
-        ens.generate(["a"], temperature=0)
+    with pytest.raises(ValueError, match="temperature"):
+        ens.generate(["a"], temperature=-1)
+    assert ens.generate(["a"], temperature=0, max_new_tokens=4) == ens.generate(["a"], greedy=True, max_new_tokens=4)
 
 
 def test_expert_logprobs_mix_equals_sparse_scores(run, texts):

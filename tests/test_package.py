@@ -10,8 +10,8 @@ import cbtm
 
 # the pipeline order of the README's map; a module may import only modules before it
 ORDER = ["defaults", "ray_backend", "rundir", "ops", "shards", "corpus", "embed", "kmeans", "assignments", "cluster",
-         "tokens", "models", "training", "branch", "experts", "moe", "router", "ensemble", "hf_model", "harness",
-         "fewshot", "evaluate", "demo", "cli"]
+         "tokens", "models", "training", "branch", "experts", "moe", "router", "pool", "stacked", "engine", "ensemble",
+         "hf_model", "harness", "fewshot", "evaluate", "demo", "server", "cli"]
 SHIMS = {"train", "merge", "__init__"}  # deprecated import paths re-export later stages on purpose
 PKG = Path(cbtm.__file__).parent
 
