@@ -462,6 +462,37 @@ def _add_eval_demo(sub) -> None:
     d.set_defaults(fn=_demo)
 
 
+def _serve(a):
+    from .server import serve
+
+    serve(a.run, host=a.host, port=a.port, top_k=None if a.top_k == "all" else int(a.top_k), device=a.device,
+          max_batch=a.max_batch, max_queue=a.max_queue, max_loaded=a.max_loaded,
+          max_prompt_tokens=a.max_prompt_tokens, grace=a.grace, model_name=a.model_name, routing=a.routing)
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (continuous batching; "
+                       "needs `pip install cbtm[serve]`)")
+    s.add_argument("--run", "--out", dest="run", required=True, help="the run directory to serve")
+    s.add_argument("--host", default=defaults.SERVE_HOST, help=f"interface to bind (default {defaults.SERVE_HOST})")
+    s.add_argument("--port", type=int, default=defaults.SERVE_PORT, help=f"default {defaults.SERVE_PORT}")
+    s.add_argument("--top-k", default=str(defaults.TOP_K), type=lambda t: t if t == "all" else str(positive_int(t)),
+                   metavar="K", help=f"experts per token (default {defaults.TOP_K}; 'all')")
+    _routing_arg(s)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--max-batch", type=positive_int, default=defaults.MAX_BATCH,
+                   help=f"sequences decoded together (default {defaults.MAX_BATCH})")
+    s.add_argument("--max-queue", type=int, default=defaults.SERVE_MAX_QUEUE,
+                   help=f"sequences that may wait for a slot; more get 429 (default {defaults.SERVE_MAX_QUEUE})")
+    s.add_argument("--max-loaded", type=positive_int, default=None, help="experts held in memory at once")
+    s.add_argument("--max-prompt-tokens", type=positive_int, default=defaults.SERVE_MAX_PROMPT_TOKENS,
+                   help=f"longest prompt accepted (default {defaults.SERVE_MAX_PROMPT_TOKENS})")
+    s.add_argument("--grace", type=float, default=defaults.SERVE_GRACE,
+                   help=f"seconds in-flight requests get after SIGTERM (default {defaults.SERVE_GRACE:g})")
+    s.add_argument("--model-name", default=None, help="the model id clients name (default: the run's folder name)")
+    s.set_defaults(fn=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cbtm", description="Cluster-Branch-Train-Merge: cluster a corpus, "
                                 "train one expert LM per cluster, merge them as a sparse ensemble.")
@@ -470,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_merge(sub)
     _add_eval_demo(sub)
+    _add_serve(sub)
     return p
 
 
