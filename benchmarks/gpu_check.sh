@@ -3,7 +3,7 @@
 # pybind11, cmake and ninja and no package index:
 #   1. build cbtm with CUDA (pip install --no-index --no-build-isolation --no-deps -e .),
 #   2. pytest -m gpu,
-#   3. the GPU sections of the assign, mixture and ensemble suites (benchmarks/run.py --device cuda),
+#   3. the GPU sections of the assign, mixture, ensemble and generate suites (benchmarks/run.py --device cuda),
 #      which write benchmarks/results/<suite>-cuda.json,
 # each step under its own timeout and all of them within TOTAL_S seconds (default 470), logs and
 # a summary in LOGS (default benchmarks/results/gpu_check/); with GPU_CHECK_OUT=DIR the results,
@@ -22,7 +22,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 PY=${PYTHON:-python3}
-SUITES=(assign mixture ensemble)
+SUITES=(assign mixture ensemble generate)
 case "${1:-}" in
   --dry-run)  # the CPU is far slower than the GPU machine: a generous overall limit
     DRY=1 DEVICE=cpu TOTAL_S=${TOTAL_S:-3600} LOGS=$(mktemp -d)

@@ -161,7 +161,7 @@ class Engine:
         self.start = start_token_id(self.tok)
         self.eos = self.tok.eos_token_id
         self.k = ensemble.n_experts
-        self.vocab = ensemble.pool.vocab_size()
+        self.vocab = ensemble.vocab_size
         self.real_vocab = len(self.tok)  # ids past it (a padded vocabulary) are never generated
         self.runner = _StackedRunner(ensemble) if _StackedRunner.usable(ensemble) else _ModelRunner(ensemble)
         self.running: dict[int, Sequence_] = {}
@@ -373,20 +373,18 @@ class Engine:
     def _forward(self, seqs: Sequence[Sequence_], weights: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Mixture log-probs (n_b, V) after each of the last n_b window tokens of every sequence, given
         the routing weights there (n_b, K): every expert routed to runs once for all its rows."""
-        segments = []  # (row, expert, window start fed, first position wanted)
+        segments = []  # (row, expert, window position its cache has reached, stop, first position wanted)
         posterior = self.ens.kind == "posterior"
         for b, (seq, w) in enumerate(zip(seqs, weights)):
             n, end = len(w), len(seq.window)
-            for j in range(self.k):
-                routed = np.flatnonzero(w[:, j] > 0)
-                if not len(routed) and not posterior:
-                    continue
-                last = end - n + (int(routed[-1]) if len(routed) and not posterior else n - 1)
+            routed = np.ones_like(w, bool) if posterior else w > 0  # (n, K)
+            last = n - 1 - np.argmax(routed[::-1], axis=0)  # (K,) the last position routed to each expert
+            for j in np.flatnonzero(routed.any(0)).tolist():
                 handle = seq.experts.get(j)
-                done = handle[1] if handle is not None else 0
-                segments.append((b, j, done, last + 1, end - n))
+                segments.append((b, j, handle[1] if handle is not None else 0, end - n + int(last[j]) + 1, end - n))
         logits = self.runner.run(seqs, segments)  # per segment (positions wanted, V)
-        table = torch.cat([torch.zeros(1, self.vocab)] + logits)  # row 0: a placeholder never weighted
+        dev = self.ens.mix_device
+        table = torch.cat([torch.zeros(1, self.vocab, device=dev)] + logits)  # row 0: a placeholder never weighted
         base = np.cumsum([1] + [len(lg) for lg in logits])
         starts = np.cumsum([0] + [len(w) for w in weights])
         R = int(starts[-1])
@@ -408,8 +406,7 @@ class Engine:
         if self.ens.kind == "posterior":
             for (b, j, done, stop, first), lg in zip(segments, logits):
                 seqs[b].last_logits[j] = lg[-1]
-        dev = self.ens.mix_device
-        mixed = ops.weighted_logsumexp([table.index_select(0, torch.from_numpy(i)).to(dev) for i in idx],
+        mixed = ops.weighted_logsumexp([table.index_select(0, torch.from_numpy(i).to(dev)) for i in idx],
                                        torch.from_numpy(logw).float().to(dev)).cpu()  # (R, V)
         return [mixed[starts[b]:starts[b + 1]] for b in range(len(seqs))]
 
@@ -516,7 +513,7 @@ class _ModelRunner:
                           **{self.cache_kw: past})
             seq.experts[j] = [getattr(r, self.cache_kw), stop]
             self.ens.expert_calls[j] += 1
-            out.append(r.logits[0, first - done:].float().cpu())
+            out.append(r.logits[0, first - done:].float().to(self.ens.mix_device))
         return out
 
     def release(self, seq) -> None:
@@ -580,7 +577,7 @@ class _StackedRunner:
             rows = torch.cat([p * T + torch.arange(s[4] - s[2], s[3] - s[2]) for p, s in enumerate(seg)])
             counts = torch.bincount(torch.tensor([s[1] for s in seg for _ in range(s[3] - s[4])]),
                                     minlength=st.n_experts).tolist()
-            logits = st.logits(h.reshape(-1, h.shape[-1])[rows.to(h.device)], counts).float().cpu()
+            logits = st.logits(h.reshape(-1, h.shape[-1])[rows.to(h.device)], counts).float().to(self.ens.mix_device)
         a = 0
         for p, i in enumerate(group):
             n = seg[p][3] - seg[p][4]

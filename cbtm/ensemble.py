@@ -84,9 +84,11 @@ class Ensemble:
         if context is not None and (int(context) != context or context < 1):
             raise ValueError(f"context must be a positive integer, got {context!r}")
         longest = self.pool.context_length()  # reads every expert's config
+        self.vocab_size = self.pool.vocab_size()  # the experts' output width (>= the tokenizer's length)
         self.context = min(longest, int(context)) if context is not None else longest
         self.mix_device = self.pool.device(0)
         self.expert_calls = [0] * k  # rows each expert has processed (tests check sparsity with it)
+        self.expert_positions = [0] * k  # window positions each expert has computed while scoring
         self.use_stacked = True  # run same-architecture experts with stacked weights (False: one forward each)
         self._stacked: list = []  # [StackedExperts or None] once built
 
@@ -241,6 +243,8 @@ class Ensemble:
         # a causal LM needs the window only up to the last position that uses it
         last = torch.where(need, torch.arange(1, L + 1)[None, :, None], 0).amax(1)  # (R, K)
         lp = torch.full((k, R, L), -math.inf)  # (K, R, L) log p_j of each target
+        for j, n in enumerate(last.sum(0).tolist()):
+            self.expert_positions[j] += n
         if self.stacked() is not None:
             self._stacked_logprobs(inputs, targets, last, lp)
         else:

@@ -107,7 +107,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         config = EnsembleConfig(run=str(run), router_top_k=top_k, router_temperature=temperature, kind=kind,
                                 routing=ens.router.routing if ens.router is not None else "none",
-                                vocab_size=ens.pool.vocab_size(), bos_token_id=ens.bos, eos_token_id=tok.eos_token_id,
+                                vocab_size=ens.vocab_size, bos_token_id=ens.bos, eos_token_id=tok.eos_token_id,
                                 pad_token_id=pad)
         model = cls(config, ens)
         model.generation_config.update(bos_token_id=ens.bos, eos_token_id=tok.eos_token_id, pad_token_id=pad)

@@ -340,12 +340,16 @@ def weighted_logsumexp_ref(logits: Logits, log_weights: torch.Tensor, upcast=Tru
     xs, lw, _, B, V = _validate(logits, log_weights, None, _REF_DTYPES)
     dt = _compute_dtype(xs[0].dtype, upcast)
     neg_inf = torch.tensor(float("-inf"), dtype=dt, device=xs[0].device)
-    out = neg_inf.expand(B, V).clone()
     active = lw > float("-inf")  # [B, k]
-    for j in torch.nonzero(active.any(0)).flatten().tolist():
-        term = torch.log_softmax(xs[j].to(dt), dim=-1) + lw[:, j:j + 1].to(dt)
-        out = torch.logaddexp(out, torch.where(active[:, j:j + 1], term, neg_inf))
-    return out
+    used = torch.nonzero(active.any(0)).flatten().tolist()
+    if len(used) == 1 and bool(active[:, used[0]].all()):  # one expert for every row: its log-softmax
+        j = used[0]
+        return torch.log_softmax(xs[j].to(dt), dim=-1) + lw[:, j:j + 1].to(dt)
+    if not used:
+        return neg_inf.expand(B, V).clone()
+    terms = torch.stack([torch.where(active[:, j:j + 1], torch.log_softmax(xs[j].to(dt), dim=-1) + lw[:, j:j + 1].to(dt),
+                                     neg_inf) for j in used])  # [k used, B, V]
+    return torch.logsumexp(terms, dim=0)
 
 
 def weighted_logsumexp_target_ref(logits: Logits, log_weights: torch.Tensor, target: torch.Tensor,
