@@ -505,7 +505,7 @@ def create_app(ensemble, model_name: str = "cbtm", max_batch: int = defaults.MAX
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep
             raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
 
     def count_tokens(prompts) -> list[int]:
@@ -555,7 +555,10 @@ def create_app(ensemble, model_name: str = "cbtm", max_batch: int = defaults.MAX
                     st.metrics.aborted.inc()
 
         try:
-            counts = await loop.run_in_executor(st.tok_pool, count_tokens, prompts)
+            try:
+                counts = await loop.run_in_executor(st.tok_pool, count_tokens, prompts)
+            except (ValueError, TypeError, OverflowError) as e:  # e.g. a lone surrogate
+                raise _bad("prompt", f"cannot be tokenized: {type(e).__name__}: {e}") from None
             for i, c in enumerate(counts):
                 if c > st.max_prompt_tokens:
                     raise _bad("prompt", f"prompt {i} has {c} tokens; this server takes at most "

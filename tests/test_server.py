@@ -269,7 +269,8 @@ def _hostile(http, url: str, i: int, rng: random.Random) -> int:
     kind = i % 10
     post = f"{url}/v1/completions"
     if kind == 0:
-        return http.post(post, content=rng.choice([b"{", b"null", b"\x00\xff", b"{\"prompt\":}"])).status_code
+        return http.post(post, content=rng.choice([b"{", b"null", b"\x00\xff", b"{\"prompt\":}", b"[" * 50000,
+                                                   b'{"prompt": "\\ud800", "max_tokens": 2}'])).status_code
     bodies = [None, {"prompt": 5}, {"prompt": "x", "max_tokens": "many"}, {"prompt": "x", "max_tokens": 10**12},
               {"prompt": "go " * 5000}, {"prompt": "x", "experts": [-1]}, {"prompt": "x", "temperature": [1]},
               {"prompt": [[1, 2], "a"]}, None, {"prompt": "x", "max_tokens": 3, "stop": [""]}]
