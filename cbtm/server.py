@@ -137,9 +137,7 @@ def parse_request(body, n_experts: int, routing: str | None, max_tokens_limit: i
     seed = g("seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
         raise _bad("seed", f"must be an integer in [0, 2^63), got {seed!r}")
-    stream = g("stream", False)
-    if stream is None:
-        stream = False
+    stream = False if g("stream") is None else g("stream")
     if not isinstance(stream, bool):
         raise _bad("stream", "must be a boolean", "invalid_type")
     options = g("stream_options")
@@ -151,10 +149,10 @@ def parse_request(body, n_experts: int, routing: str | None, max_tokens_limit: i
     logprobs = g("logprobs")
     if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= defaults.MAX_LOGPROBS):
         raise _bad("logprobs", f"must be an integer in [0, {defaults.MAX_LOGPROBS}], got {logprobs!r}")
-    min_tokens = g("min_tokens") or 0
+    min_tokens = 0 if g("min_tokens") is None else g("min_tokens")
     if not _is_int(min_tokens) or not 0 <= min_tokens <= max_tokens:
         raise _bad("min_tokens", f"must be an integer in [0, max_tokens = {max_tokens}], got {min_tokens!r}")
-    ignore_eos = g("ignore_eos", False) or False
+    ignore_eos = False if g("ignore_eos") is None else g("ignore_eos")
     if not isinstance(ignore_eos, bool):
         raise _bad("ignore_eos", "must be a boolean", "invalid_type")
     top_k = g("top_k_experts")
@@ -178,7 +176,7 @@ def parse_request(body, n_experts: int, routing: str | None, max_tokens_limit: i
         if route == "prefix" and not prefix_router:
             raise _bad("routing", "this run has no prefix router (fit one with `cbtm cluster fit-prefix`)",
                        "unsupported")
-    want_routing = g("return_routing", False) or False
+    want_routing = False if g("return_routing") is None else g("return_routing")
     if not isinstance(want_routing, bool):
         raise _bad("return_routing", "must be a boolean", "invalid_type")
 

@@ -163,6 +163,8 @@ def test_cbtm_fields_and_logprobs(client):
     ({"extra_body": {"top_k_experts": 0}}, "top_k_experts"),
     ({"extra_body": {"routing": "nearest"}}, "routing"),
     ({"extra_body": {"min_tokens": 50}, "max_tokens": 5}, "min_tokens"),
+    ({"extra_body": {"ignore_eos": ""}}, "ignore_eos"),
+    ({"stop": [""]}, "stop"),
     ({"extra_body": {"bogus": 1}}, "bogus"),
     ({"prompt": "word " * 1000}, "prompt"),
     ({"prompt": [10**9]}, "prompt"),

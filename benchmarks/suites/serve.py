@@ -333,7 +333,7 @@ def main(argv=None):
         from benchmarks.suites.generate import build
 
         run_dir, prompts = a.run, PROMPTS
-        if a.run is None:
+        if a.run is None and a.url is None:
             run_dir, _, prompts = build(Path(tmp))
         server = None if a.url else Server(run_dir, "--top-k", "1", "--max-queue", "512", device=a.device)
         with server or _Nothing():
