@@ -110,6 +110,22 @@ def test_concurrent_greedy_equals_generate(server, client, llama_run):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_max_loaded_serves_the_same_text(server, client, llama_run):
+    """--max-loaded 1: experts load on demand and are evicted (the engine's generic path); the text is
+    the stacked path's."""
+    want = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0).choices[0].text
+            for p in PROMPTS[:3]]
+    ens = load_ensemble(llama_run, top_k=2, max_loaded=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        with ThreadServer(create_app(ens, MODEL)) as other:
+            c = openai.OpenAI(base_url=other.url + "/v1", api_key="x", max_retries=0, timeout=30)
+            with ThreadPoolExecutor(3) as pool:
+                got = list(pool.map(lambda p: c.completions.create(model=MODEL, prompt=p, max_tokens=8,
+                                                                   temperature=0).choices[0].text, PROMPTS[:3]))
+    assert got == want and ens.stacked() is None
+
+
 def test_streaming(client):
     kw = dict(model=MODEL, prompt="And the king said", max_tokens=20, temperature=0,
               extra_body={"min_tokens": 20, "ignore_eos": True})
