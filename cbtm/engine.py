@@ -168,12 +168,18 @@ class Engine:
         self.waiting: deque[Sequence_] = deque()
         self._ids = itertools.count()
         self._seeds = np.random.SeedSequence(seed)
+        self._distance = None  # the distance router, for sequences that ask for it
 
     # ---- continuous batching --------------------------------------------------------------------
 
     def add(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt (text, or token ids without the start token); returns its sequence id."""
-        seq = self._new(prompt, (params or SamplingParams()).checked(self.k))
+        params = (params or SamplingParams()).checked(self.k)
+        if params.routing is not None:
+            if self.ens.kind != "cluster":
+                raise ValueError(f"routing applies to kind 'cluster', this ensemble is {self.ens.kind!r}")
+            self._router(params.routing)  # the run has that router
+        seq = self._new(prompt, params)
         self.waiting.append(seq)
         return seq.id
 
@@ -324,7 +330,7 @@ class Engine:
             w = np.zeros((B, self.k), np.float32)
             for key in set(zip((s.params.routing for s in seqs), top_k)):
                 rows = [b for b, s in enumerate(seqs) if (s.params.routing, top_k[b]) == key]
-                router = ens.router if key[0] in (None, ens.router.routing) else self._router(key[0])
+                router = ens.router if key[0] is None else self._router(key[0])
                 w[rows] = router.weights(emb[rows], allowed[rows], key[1])
             return w
         if ens.kind == "uniform":
@@ -343,8 +349,12 @@ class Engine:
 
     def _router(self, routing: str):
         """The ensemble's experts routed by ``routing`` ("distance", or "prefix" when the run has one)."""
+        if routing == self.ens.router.routing:
+            return self.ens.router
         if routing == "distance":
-            return self.ens.router.by_distance()
+            if self._distance is None:
+                self._distance = self.ens.router.by_distance()
+            return self._distance
         raise ValueError("routing='prefix' needs the run's prefix router (fit it with `cbtm cluster fit-prefix`); "
                          "this ensemble routes by distance")
 
@@ -358,7 +368,7 @@ class Engine:
             [ids[:t] for t in range(len(ids) - n + 1, len(ids) + 1)], skip_special_tokens=True)]
         seq.stream.update(texts[-1])
         top_k = self._top_k(seq)
-        router = ens.router if seq.params.routing in (None, ens.router.routing) else self._router(seq.params.routing)
+        router = ens.router if seq.params.routing is None else self._router(seq.params.routing)
         full = texts[-1]
         if all(full.startswith(t) for t in texts):  # one text, its prefixes embedded incrementally
             emb = ens.router.embedder.prefix_embeddings(full, [len(t) for t in texts])
@@ -429,7 +439,7 @@ class Engine:
             if p.logprobs is not None:
                 ev.logprob = float(logp[b, tok])
                 if p.logprobs:
-                    top = torch.topk(logp[b], p.logprobs)
+                    top = torch.topk(logp[b, :self.real_vocab], p.logprobs)
                     ev.top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist()))
             if p.return_routing:
                 ev.routing = [(int(j), float(w[b, j])) for j in np.flatnonzero(w[b] > 0)]

@@ -247,6 +247,11 @@ def test_bad_inputs_name_the_argument(llama_run):
         engine.add("x", SamplingParams(experts=(0, K)))
     with pytest.raises(ValueError, match="routing"):
         engine.add("x", SamplingParams(routing="bogus"))
+    assert ens.router.routing == "distance"
+    with pytest.raises(ValueError, match="prefix router"):  # refused at add, not in a later step
+        engine.add("x", SamplingParams(routing="prefix"))
+    assert engine.add("x", SamplingParams(routing="distance")) is not None
+    engine.abort(engine.waiting[0].id)
     with pytest.raises(ValueError, match="max_batch"):
         Engine(ens, max_batch=0)
     assert not engine.has_work()  # nothing half-added
