@@ -135,7 +135,8 @@ class Sequence_:
         self.prefix, self.tail = prefix, tail  # routing text: prefix + decode(tail)
         self.window = [start] + tail  # what the experts see
         self.new: list[int] = []  # generated tokens
-        self.text = ""  # their decoded text
+        self.text = ""  # their decoded text (up to a stop string)
+        self.raw: str | None = None  # their decoded text, as of the last step
         self.emitted = 0  # characters of text released
         self.experts: dict[int, list] = {}  # expert -> [cache handle, window tokens consumed]
         self.stream, self.gen = stream, gen
@@ -164,6 +165,7 @@ class Engine:
         self.vocab = ensemble.vocab_size
         self.real_vocab = len(self.tok)  # ids past it (a padded vocabulary) are never generated
         self.runner = _StackedRunner(ensemble) if _StackedRunner.usable(ensemble) else _ModelRunner(ensemble)
+        self._decode = _decoder(self.tok)
         self.running: dict[int, Sequence_] = {}
         self.waiting: deque[Sequence_] = deque()
         self._ids = itertools.count()
@@ -271,7 +273,9 @@ class Engine:
         """A copy of a sequence with copies of its caches (beam search)."""
         twin = Sequence_(next(self._ids), seq.params, seq.prefix, list(seq.tail), self.start,
                          None, None, self.k)
-        twin.window, twin.new, twin.text = list(seq.window), list(seq.new), seq.text
+        twin.window, twin.new, twin.text, twin.raw = list(seq.window), list(seq.new), seq.text, seq.raw
+        if seq.tail is seq.new:
+            twin.tail = twin.new
         twin.stream = self.ens.router.embedder.stream(seq.stream.text) if seq.stream is not None else None
         for j, (handle, done) in seq.experts.items():
             twin.experts[j] = [self.runner.copy(handle, done), done]
@@ -301,6 +305,7 @@ class Engine:
         seq = Sequence_(next(self._ids), params, prefix, tail, self.start, stream, gen, self.k)
         if isinstance(prompt, str):
             seq.window = [self.start] + ids
+            seq.tail = seq.new  # the routing text is the prompt and the generated tokens
         return seq
 
     def _slide(self, seq: Sequence_) -> None:
@@ -311,8 +316,11 @@ class Engine:
             self.runner.release(seq)
 
     def _texts(self, seqs: Sequence[Sequence_]) -> list[str]:
-        decoded = self.tok.batch_decode([s.tail for s in seqs], skip_special_tokens=True)
-        return [s.prefix + d for s, d in zip(seqs, decoded)]
+        """Each sequence's routing text: its prefix and its decoded tail (text prompts: the generated
+        tokens, decoded once per step by ``_sample``)."""
+        todo = [s for s in seqs if s.tail is not s.new or s.raw is None]
+        decoded = dict(zip(map(id, todo), self._decode([s.tail for s in todo])))
+        return [s.prefix + (decoded[id(s)] if id(s) in decoded else s.raw) for s in seqs]
 
     def _route(self, seqs: Sequence[Sequence_]) -> np.ndarray:
         """Weights (B, K) of each sequence's next token, from its whole text so far."""
@@ -364,8 +372,7 @@ class Engine:
         if ens.kind != "cluster":
             return np.repeat(self._route([seq]), n, axis=0)
         ids = seq.tail
-        texts = [seq.prefix + t for t in self.tok.batch_decode(
-            [ids[:t] for t in range(len(ids) - n + 1, len(ids) + 1)], skip_special_tokens=True)]
+        texts = [seq.prefix + t for t in self._decode([ids[:t] for t in range(len(ids) - n + 1, len(ids) + 1)])]
         seq.stream.update(texts[-1])
         top_k = self._top_k(seq)
         router = ens.router if seq.params.routing is None else self._router(seq.params.routing)
@@ -392,18 +399,27 @@ class Engine:
             for j in np.flatnonzero(routed.any(0)).tolist():
                 handle = seq.experts.get(j)
                 segments.append((b, j, handle[1] if handle is not None else 0, end - n + int(last[j]) + 1, end - n))
-        logits = self.runner.run(seqs, segments)  # per segment (positions wanted, V)
+        table, base = self.runner.run(seqs, segments)  # (M, V): each segment's wanted positions, from base
         dev = self.ens.mix_device
-        table = torch.cat([torch.zeros(1, self.vocab, device=dev)] + logits)  # row 0: a placeholder never weighted
-        base = np.cumsum([1] + [len(lg) for lg in logits])
         starts = np.cumsum([0] + [len(w) for w in weights])
         R = int(starts[-1])
         routed = np.concatenate([w > 0 for w in weights])  # (R, K)
         kmax = max(1, int(routed.sum(1).max()))
-        idx = np.zeros((kmax, R), np.int64)  # the table row of each mixed (position, expert)
+        idx = np.zeros((kmax, R), np.int64)  # the table row of each mixed (position, expert); unused: row 0
         logw = np.full((R, kmax), -np.inf)
+        if R == len(seqs):  # one position per row (a decode step): every segment's one wanted row
+            seg = np.array([(b, j) for b, j, *_ in segments], np.int64).reshape(-1, 2)
+            w1 = np.concatenate(weights)[seg[:, 0], seg[:, 1]]
+            keep = w1 > 0
+            seg, rows0, w1 = seg[keep], np.asarray(base, np.int64)[keep], w1[keep]
+            slot = np.arange(len(seg)) - np.searchsorted(seg[:, 0], seg[:, 0])  # segments come in row order
+            idx[slot, seg[:, 0]] = rows0
+            logw[seg[:, 0], slot] = np.log(w1.astype(np.float64))
+            segments_left = []
+        else:
+            segments_left = list(zip(segments, base))
         filled = np.zeros(R, np.int64)
-        for (b, j, done, stop, first), row0 in zip(segments, base[:-1]):
+        for (b, j, done, stop, first), row0 in segments_left:
             n, end = len(weights[b]), len(seqs[b].window)
             t = np.arange(n)
             pos = end - n + t  # window index whose next token position t predicts
@@ -414,8 +430,8 @@ class Engine:
                 logw[r, filled[r]] = np.log(weights[b][t[ok], j].astype(np.float64))
             filled[r] += 1
         if self.ens.kind == "posterior":
-            for (b, j, done, stop, first), lg in zip(segments, logits):
-                seqs[b].last_logits[j] = lg[-1]
+            for (b, j, done, stop, first), row0 in zip(segments, base):
+                seqs[b].last_logits[j] = table[row0 + stop - 1 - first]
         mixed = ops.weighted_logsumexp([table.index_select(0, torch.from_numpy(i).to(dev)) for i in idx],
                                        torch.from_numpy(logw).float().to(dev)).cpu()  # (R, V)
         return [mixed[starts[b]:starts[b + 1]] for b in range(len(seqs))]
@@ -428,7 +444,7 @@ class Engine:
             if self.eos is not None and (s.params.ignore_eos or len(s.new) < s.params.min_tokens):
                 masked[b, self.eos] = -math.inf
         greedy = torch.argmax(masked, dim=-1).tolist()
-        events = []
+        events, grown = [], []
         for b, s in enumerate(seqs):
             p = s.params
             if s.gen is None:
@@ -450,22 +466,27 @@ class Engine:
                 ev.token, s.finish = None, "stop"
             else:
                 s.new.append(tok)
-                s.tail.append(tok)
+                if s.tail is not s.new:
+                    s.tail.append(tok)
                 s.window.append(tok)
-                self._release_text(s, ev)
-                if s.finish is None and len(s.new) >= p.max_new_tokens:
-                    s.finish = "length"
+                grown.append((s, ev))
+            events.append((s, ev))
+        for (s, ev), text in zip(grown, self._decode([s.new for s, _ in grown])):
+            s.raw = text
+            self._release_text(s, ev)
+            if s.finish is None and len(s.new) >= s.params.max_new_tokens:
+                s.finish = "length"
+        for s, ev in events:
             if s.finish is not None:
                 ev.text += s.text[s.emitted:]
                 s.emitted = len(s.text)
                 ev.finish_reason = s.finish
                 self._retire(s)
-            events.append(ev)
-        return events
+        return [ev for _, ev in events]
 
     def _release_text(self, seq: Sequence_, ev: Event) -> None:
-        """Decode the generated tokens; end at a stop string; release the text that is final."""
-        text = self.tok.decode(seq.new, skip_special_tokens=True)
+        """End at a stop string in the decoded generated tokens (``seq.raw``); release the text that is final."""
+        text = seq.raw
         stops = seq.params.stop
         hit = [i for i in (text.find(s, max(0, seq.emitted - len(s) + 1)) for s in stops) if i >= 0]
         if hit:
@@ -487,6 +508,15 @@ class Engine:
         seq.finish = seq.finish or "length"
         self.running.pop(seq.id, None)
         self.runner.release(seq)
+
+
+def _decoder(tok):
+    """id lists -> texts, special tokens dropped: the fast tokenizer's Rust decoder directly when the
+    tokenizer adds no clean-up of its own (the same text, without transformers' per-token checks)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and not getattr(tok, "clean_up_tokenization_spaces", False):
+        return lambda batch: backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=True)
+    return lambda batch: tok.batch_decode([list(ids) for ids in batch], skip_special_tokens=True)
 
 
 def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> int:
@@ -512,7 +542,9 @@ class _ModelRunner:
         self.ens = ensemble
         self.cache_kw = models.cache_keyword()
 
-    def run(self, seqs, segments) -> list[torch.Tensor]:
+    def run(self, seqs, segments) -> tuple[torch.Tensor, list[int]]:
+        """Logits (M, V) on the mixing device of every segment's wanted positions, and the first row
+        of each segment in them."""
         out = []
         for b, j, done, stop, first in segments:
             seq = seqs[b]
@@ -524,7 +556,7 @@ class _ModelRunner:
             seq.experts[j] = [getattr(r, self.cache_kw), stop]
             self.ens.expert_calls[j] += 1
             out.append(r.logits[0, first - done:].float().to(self.ens.mix_device))
-        return out
+        return torch.cat(out), np.cumsum([0] + [len(o) for o in out])[:-1].tolist()
 
     def release(self, seq) -> None:
         seq.experts.clear()
@@ -548,8 +580,8 @@ class _StackedRunner:
     def usable(ensemble) -> bool:
         return ensemble.stacked() is not None
 
-    def run(self, seqs, segments) -> list[torch.Tensor]:
-        out: list[torch.Tensor | None] = [None] * len(segments)
+    def run(self, seqs, segments) -> tuple[torch.Tensor, list[int]]:
+        """As :meth:`_ModelRunner.run`."""
         for b, j, done, stop, first in segments:
             seq = seqs[b]
             if j not in seq.experts:
@@ -564,35 +596,35 @@ class _StackedRunner:
             per = max(1, budget // (segments[longer[a]][3] - segments[longer[a]][2]))
             groups.append(longer[a:a + per])
             a += per
+        tables, starts, row = [], [0] * len(segments), 0
         for group in groups:
-            self._run_group(seqs, segments, sorted(group, key=lambda i: segments[i][1]), out)
+            group = sorted(group, key=lambda i: segments[i][1])  # by expert: one grouped matmul
+            tables.append(self._run_group(seqs, [segments[i] for i in group]))
+            for i in group:
+                starts[i] = row
+                row += segments[i][3] - segments[i][4]
         for b, j, done, stop, first in segments:
             seqs[b].experts[j][1] = stop
-        return out
+        return (tables[0] if len(tables) == 1 else torch.cat(tables)), starts
 
-    def _run_group(self, seqs, segments, group, out) -> None:
+    def _run_group(self, seqs, seg) -> torch.Tensor:
+        """Logits (M, V) of the wanted positions of segments sorted by expert, in their order."""
         st = self.stacked
-        T = max(segments[i][3] - segments[i][2] for i in group)
-        ids = torch.zeros(len(group), T, dtype=torch.long)
-        for p, i in enumerate(group):
-            b, j, done, stop, _ = segments[i]
-            ids[p, :stop - done] = torch.tensor(seqs[b].window[done:stop])
-        seg = [segments[i] for i in group]
-        experts = torch.tensor([s[1] for s in seg])
-        starts = torch.tensor([s[2] for s in seg])
-        lengths = torch.tensor([s[3] - s[2] for s in seg])
-        slots = torch.tensor([seqs[s[0]].experts[s[1]][0] for s in seg])
+        n = np.array([s[3] - s[2] for s in seg])  # tokens fed
+        T = int(n.max())
+        ids = torch.tensor([seqs[b].window[done:stop] + [0] * (T - stop + done) for b, _, done, stop, _ in seg])
+        experts = np.array([s[1] for s in seg])
         with torch.no_grad():
-            h = st.forward(ids, experts, starts, lengths, slots)  # (P, T, d)
-            rows = torch.cat([p * T + torch.arange(s[4] - s[2], s[3] - s[2]) for p, s in enumerate(seg)])
-            counts = torch.bincount(torch.tensor([s[1] for s in seg for _ in range(s[3] - s[4])]),
-                                    minlength=st.n_experts).tolist()
-            logits = st.logits(h.reshape(-1, h.shape[-1])[rows.to(h.device)], counts).float().to(self.ens.mix_device)
-        a = 0
-        for p, i in enumerate(group):
-            n = seg[p][3] - seg[p][4]
-            out[i] = logits[a:a + n]
-            a += n
+            h = st.forward(ids, torch.from_numpy(experts), torch.tensor([s[2] for s in seg]), torch.from_numpy(n),
+                           torch.tensor([seqs[s[0]].experts[s[1]][0] for s in seg]))  # (P, T, d)
+            want = n - np.array([s[4] - s[2] for s in seg])  # positions wanted, the last of each segment
+            if T == 1:
+                h = h.reshape(len(seg), -1)
+            else:
+                rows = np.concatenate([p * T + np.arange(s[4] - s[2], s[3] - s[2]) for p, s in enumerate(seg)])
+                h = h.reshape(-1, h.shape[-1])[torch.from_numpy(rows).to(h.device)]
+            counts = np.bincount(experts, weights=want, minlength=st.n_experts).astype(int).tolist()
+            return st.logits(h, counts).float().to(self.ens.mix_device)
 
     def release(self, seq) -> None:
         for handle, _ in seq.experts.values():

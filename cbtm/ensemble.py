@@ -278,7 +278,7 @@ class Ensemble:
                     rows = (j == e).nonzero().flatten()
                     valid = torch.arange(T)[None, :] < n[rows, None]  # (p, T)
                     hv = h[rows.to(h.device)][valid.to(h.device)]
-                    out = linear_target_logprobs(hv, st.head[e], targets[r[rows], :T][valid].to(hv.device)).float().cpu()
+                    out = linear_target_logprobs(hv, st.head[e].T, targets[r[rows], :T][valid].to(hv.device)).float().cpu()
                     lp[e, r[rows][:, None].expand_as(valid)[valid], torch.arange(T).expand_as(valid)[valid]] = out
                     self.expert_calls[e] += len(rows)
 

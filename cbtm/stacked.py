@@ -31,21 +31,22 @@ POOL_LENGTH = 128   # positions per slot allocated at first (doubles up to the e
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], bias: torch.Tensor | None = None,
                    offs: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of ``x`` (N, in) grouped by expert (``counts[j]`` consecutive rows for expert j, zeros allowed)
-    times their expert's ``weight[j].T`` (K, out, in) (+ ``bias[j]`` (K, out)): (N, out). One grouped
-    matmul where torch has it for this device and dtype, one matmul per non-empty group otherwise."""
+    times their expert's ``weight[j]`` (K, in, out) (+ ``bias[j]`` (K, out)): (N, out). One grouped
+    matmul (``offs``: the cumulative counts, int32) where torch has it for this device and dtype, one
+    matmul per non-empty group otherwise."""
     out = None
     if offs is not None and _grouped_mm_ok(x):
         try:
-            out = F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
+            out = F.grouped_mm(x, weight, offs=offs)
         except RuntimeError:
             _GROUPED_MM_FAILED.add((x.device.type, x.dtype))
     if out is None:
         parts, a = [], 0
         for j, n in enumerate(counts):
             if n:
-                parts.append(x[a:a + n] @ weight[j].T)
+                parts.append(x[a:a + n] @ weight[j])
                 a += n
-        out = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+        out = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[2])
     if bias is not None:
         out += torch.repeat_interleave(bias, torch.as_tensor(counts, device=x.device), dim=0)
     return out
@@ -144,26 +145,28 @@ class StackedExperts:
         self.rotary = first.model.rotary_emb
         self.scaling = first.model.layers[0].self_attn.scaling
         self.device, self.dtype = first.lm_head.weight.device, first.lm_head.weight.dtype
-        self.vocab_size = first.lm_head.weight.shape[0]
         self.tied = first.lm_head.weight is first.model.embed_tokens.weight
 
-        def stack(get, *, fuse=None):
+        def stack(get, *, fuse=None, transpose=False):
             """(K, ...) of one parameter (or of several concatenated along dim 0), rebinding every
-            expert's parameters to views of it."""
+            expert's parameters to views of it; ``transpose``: matrices stored (K, in, out), the layout
+            grouped matmuls read fastest."""
             names = fuse or [None]
             parts = [[get(m, n) for n in names] for m in models]
             if parts[0][0] is None:
                 return None
-            out = torch.stack([torch.cat([p.detach() for p in ps]) for ps in parts])
+            cat = [torch.cat([p.detach() for p in ps]) for ps in parts]
+            out = torch.stack([c.T for c in cat] if transpose else cat).contiguous()
             for j, ps in enumerate(parts):
                 a = 0
                 for p in ps:
-                    p.data = out[j, a:a + p.shape[0]]
+                    p.data = out[j, :, a:a + p.shape[0]].T if transpose else out[j, a:a + p.shape[0]]
                     a += p.shape[0]
             return out
 
-        self.embed = stack(lambda m, _: m.model.embed_tokens.weight)  # (K, V, d)
-        self.head = self.embed if self.tied else stack(lambda m, _: m.lm_head.weight)
+        # (K, d, V) when the head is tied to the embedding (both read it), else embedding (K, V, d)
+        self.embed = stack(lambda m, _: m.model.embed_tokens.weight, transpose=self.tied)
+        self.head = self.embed if self.tied else stack(lambda m, _: m.lm_head.weight, transpose=True)  # (K, d, V)
         self.norm = stack(lambda m, _: m.model.norm.weight)  # (K, d)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -177,13 +180,13 @@ class StackedExperts:
             self.layers.append({
                 "ln1": stack(lambda m, _: m.model.layers[i].input_layernorm.weight),
                 "ln2": stack(lambda m, _: m.model.layers[i].post_attention_layernorm.weight),
-                "qkv": stack(sub("self_attn", "weight"), fuse=qkv),
+                "qkv": stack(sub("self_attn", "weight"), fuse=qkv, transpose=True),
                 "qkv_b": stack(bias("self_attn"), fuse=qkv),
-                "o": stack(lambda m, _: m.model.layers[i].self_attn.o_proj.weight),
+                "o": stack(lambda m, _: m.model.layers[i].self_attn.o_proj.weight, transpose=True),
                 "o_b": stack(lambda m, _: m.model.layers[i].self_attn.o_proj.bias),
-                "gate_up": stack(sub("mlp", "weight"), fuse=["gate_proj", "up_proj"]),
+                "gate_up": stack(sub("mlp", "weight"), fuse=["gate_proj", "up_proj"], transpose=True),
                 "gate_up_b": stack(bias("mlp"), fuse=["gate_proj", "up_proj"]),
-                "down": stack(lambda m, _: m.model.layers[i].mlp.down_proj.weight),
+                "down": stack(lambda m, _: m.model.layers[i].mlp.down_proj.weight, transpose=True),
                 "down_b": stack(lambda m, _: m.model.layers[i].mlp.down_proj.bias),
             })
         self.pool: KVPool | None = None
@@ -240,7 +243,7 @@ class StackedExperts:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         counts = counts.tolist()
         positions = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
-        x = self.embed[experts[:, None], ids]  # (P, T, d)
+        x = self.embed[experts[:, None], :, ids] if self.tied else self.embed[experts[:, None], ids]  # (P, T, d)
         cos, sin = self.rotary(x, positions)  # (P, T, hd)
         cos, sin = cos[:, None], sin[:, None]
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
