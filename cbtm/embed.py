@@ -328,19 +328,21 @@ class TextStream:
         if not text.startswith(self.text):
             self.closed, self.base = 0, np.zeros(self.embedder.n_components)
         self.text = text
-        cut = len(text)
-        while cut > self.closed and not text[cut - 1].isspace():  # back to the last whitespace
-            cut -= 1
+        if text[-1:].isspace():
+            cut = len(text)
+        else:  # after the last whitespace (str.split's whitespace is str.isspace's)
+            cut = max(self.closed, len(text) - len(text.rsplit(None, 1)[-1]) if text else 0)
         if cut > self.closed:
             ids = self.embedder._ids(text[self.closed:cut])
             if ids:
                 self.base = self.base + self.embedder._vec[ids].sum(0)
             self.closed = cut
+        ids = self.embedder._ids(text[self.closed:])
+        self.partial = self.embedder._vec[ids].sum(0) if ids else None
 
     def vector(self) -> np.ndarray:
         """The embedding's direction, float64 (D,): the sum of the text's term vectors."""
-        ids = self.embedder._ids(self.text[self.closed:])
-        return self.base + self.embedder._vec[ids].sum(0) if ids else self.base
+        return self.base if self.partial is None else self.base + self.partial
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:

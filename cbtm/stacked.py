@@ -190,6 +190,7 @@ class StackedExperts:
                 "down_b": stack(lambda m, _: m.model.layers[i].mlp.down_proj.bias),
             })
         self.pool: KVPool | None = None
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- construction ---------------------------------------------------------------------------
 
@@ -244,7 +245,7 @@ class StackedExperts:
         counts = counts.tolist()
         positions = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
         x = self.embed[experts[:, None], :, ids] if self.tied else self.embed[experts[:, None], ids]  # (P, T, d)
-        cos, sin = self.rotary(x, positions)  # (P, T, hd)
+        cos, sin = self._rope(x, positions)  # (P, T, hd)
         cos, sin = cos[:, None], sin[:, None]
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
         if slots is not None:
@@ -280,6 +281,18 @@ class StackedExperts:
             gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
             x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs).view(P, T, -1)
         return self._norm(x, self.norm[experts])
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (P, T, hd) at the positions: the experts' own rotary module, its values for
+        positions 0..n-1 kept once computed unless the rope type rescales with the length ("dynamic")."""
+        if getattr(self.rotary, "rope_type", "default") == "dynamic":
+            return self.rotary(x, positions)
+        need = int(positions.max()) + 1
+        if self._rope_table is None or self._rope_table[0].shape[0] < need:
+            n = max(need, 2 * (self._rope_table[0].shape[0] if self._rope_table else 64))
+            cos, sin = self.rotary(x, torch.arange(n, device=x.device)[None])
+            self._rope_table = (cos[0], sin[0])
+        return self._rope_table[0][positions], self._rope_table[1][positions]
 
     def logits(self, h: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Logits (N, V) of final hidden states h (N, d) grouped by expert (``counts[j]`` rows each)."""
