@@ -413,6 +413,25 @@ def _add_merge(sub) -> None:
     x.set_defaults(fn=_merge_export_moe)
 
 
+def _convert(a):
+    from .models import convert_pickled
+
+    print(f"{a.model}: pickled weights read with torch.load(weights_only=True), written as safetensors "
+          f"-> {convert_pickled(a.model, a.to)}")
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="rewrite a checkpoint's pickled weights (pytorch_model.bin) as safetensors",
+                       description="Copy a Hugging Face model directory whose weights are pickles (pytorch_model.bin, "
+                       "or shards with pytorch_model.bin.index.json) to a new directory with the same weights as "
+                       "safetensors, the only format cbtm loads. The pickles are read with "
+                       "torch.load(weights_only=True), which builds tensors and nothing else; no other cbtm command "
+                       "ever reads a pickle.")
+    c.add_argument("model", help="the model directory with pickled weights")
+    c.add_argument("--to", required=True, help="new (or empty) directory of the converted model")
+    c.set_defaults(fn=_convert)
+
+
 def _eval(a):
     from . import evaluate
 
@@ -469,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(sub)
     _add_train(sub)
     _add_merge(sub)
+    _add_convert(sub)
     _add_eval_demo(sub)
     return p
 

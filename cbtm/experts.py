@@ -69,6 +69,7 @@ def add_expert(run, expert_dir, centre_texts: Sequence[str]) -> int:
     if not centre_texts:
         raise ValueError("the new expert's centre needs at least one document of its domain")
     models.load_config(expert_dir)  # refuses custom code and unreadable configs before anything is copied
+    models.require_safetensors(expert_dir)
     embedder, km = load_router(run)
     centre = embedder.transform(list(centre_texts)).mean(0).astype(np.float32)  # (D,)
     experts = run.expert_entries()

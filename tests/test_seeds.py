@@ -1,0 +1,184 @@
+"""Real users' seeds: small random-weight checkpoints of the architectures users branch from (GPT-2,
+OPT, GPT-NeoX, Llama, Qwen2, Gemma; tied and untied embeddings; float16 / bfloat16; a vocabulary
+padded past the tokenizer's; tokenizers without BOS or pad; a ``.bin``-only checkpoint), each as a
+plain ``save_pretrained`` directory with its tokenizer, taken through cluster -> train ->
+dense --like -> eval -> both decoders -> merge average -> reload in plain transformers."""
+
+import json
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from cbtm import cluster  # noqa: E402
+from cbtm.cli import main  # noqa: E402
+from cbtm.corpus import default_corpus_path, read_documents  # noqa: E402
+from cbtm.rundir import RunDir  # noqa: E402
+
+TOKENIZER_SIZE = 1024
+PADDED_VOCAB = 1088  # a model vocabulary past the tokenizer's (the way real checkpoints round it up)
+TINY = dict(hidden=32, layers=1, heads=2, mlp=64, context=128)
+
+# tokenizer styles: special tokens, and which of them are EOS / BOS (None: the tokenizer has none)
+TOKENIZERS = {
+    "gpt2": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>"),    # BOS = EOS, no pad (GPT-2, Pythia)
+    "llama": (["<unk>", "<s>", "</s>"], "</s>", "<s>"),              # BOS != EOS, no pad (Llama, Gemma, OPT)
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>", None),  # no BOS, no pad
+}
+
+
+def corpus_texts(n: int = 240, step: int = 37) -> list[dict]:
+    """Every ``step``-th document of the embedded corpus (``n`` of them), as JSON records."""
+    return [{"id": d.id, "text": d.text, **d.meta} for d in islice(read_documents(default_corpus_path()), 0, None, step)][:n]
+
+
+def make_tokenizer(out: Path, style: str, texts: list[str], size: int = TOKENIZER_SIZE):
+    """A byte-level BPE of ``size`` tokens trained on ``texts``, with ``style``'s special tokens,
+    saved as a transformers tokenizer; none has a pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, eos, bos = TOKENIZERS[style]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=size, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.get_vocab_size() == size
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos,
+                                   unk_token="<unk>" if "<unk>" in specials else None)
+    fast.save_pretrained(out)
+    return fast
+
+
+def seed_config(arch: str, tokenizer, vocab: int, tied: bool):
+    """A tiny config of ``arch`` for ``tokenizer`` with ``vocab`` embedding rows."""
+    from transformers import (GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config)
+
+    d, layers, heads, mlp, ctx = (TINY[k] for k in ("hidden", "layers", "heads", "mlp", "context"))
+    ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=tied)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_inner=mlp, n_positions=ctx, **ids)
+    if arch == "opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=d, word_embed_proj_dim=d, num_hidden_layers=layers,
+                         num_attention_heads=heads, ffn_dim=mlp, max_position_embeddings=ctx, pad_token_id=None, **ids)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                             intermediate_size=mlp, max_position_embeddings=ctx, **ids)
+    llama_like = dict(vocab_size=vocab, hidden_size=d, intermediate_size=mlp, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=1, max_position_embeddings=ctx, **ids)
+    if arch == "llama":
+        return LlamaConfig(**llama_like)
+    if arch == "qwen2":
+        return Qwen2Config(**llama_like)
+    if arch == "gemma":
+        return GemmaConfig(head_dim=d // heads, **llama_like)
+    raise ValueError(arch)
+
+
+def make_seed(out: Path, arch: str, texts: list[str], *, tokenizer: str = "gpt2", tied: bool = True,
+              dtype: torch.dtype = torch.float32, vocab: int = TOKENIZER_SIZE, bin_only: bool = False,
+              seed: int = 0) -> Path:
+    """A random-weight ``arch`` checkpoint with its tokenizer in ``out``, as ``save_pretrained`` writes
+    it (``bin_only``: the weights as ``pytorch_model.bin`` instead, as older revisions ship them)."""
+    tok = make_tokenizer(out, tokenizer, texts)
+    config = seed_config(arch, tok, vocab, tied)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(out)
+    if bin_only:
+        torch.save(model.state_dict(), out / "pytorch_model.bin")
+        for f in out.glob("*.safetensors"):
+            f.unlink()
+    return out
+
+
+# tiny jobs: 32-token rows, 4 per step; T = 512 gives each of 2 experts 2 steps, the dense model 4
+TRAIN = ["--total-tokens", "512", "--seq-len", "32", "--batch-size", "4", "--eval-every", "0", "--eval-tokens", "256",
+         "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A 240-document slice of the embedded corpus as a JSON-lines file, and its texts."""
+    docs = corpus_texts()
+    path = tmp_path_factory.mktemp("corpus") / "slice.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path, [d["text"] for d in docs]
+
+
+@pytest.fixture(scope="module")
+def clustered(corpus, tmp_path_factory) -> Path:
+    """The slice clustered (k=2), no tokenizer or experts yet."""
+    run = tmp_path_factory.mktemp("clustered") / "run"
+    cluster.fit(str(corpus[0]), run, k=2, n_components=16, seed=0, progress=False)
+    cluster.assign(None, run, workers=1, progress=False)
+    return run
+
+
+def fresh(clustered: Path, tmp_path: Path, name: str = "run") -> Path:
+    out = tmp_path / name
+    shutil.copytree(clustered, out)
+    return out
+
+
+def test_pickled_seed_is_refused_with_how_to_convert_and_nothing_recorded(corpus, clustered, tmp_path, capsys,
+                                                                          monkeypatch):
+    seed = make_seed(tmp_path / "opt-bin", "opt", corpus[1], tokenizer="llama", dtype=torch.float16, bin_only=True)
+    run = fresh(clustered, tmp_path)
+    before = RunDir(run).manifest()
+    with monkeypatch.context() as m:  # training never unpickles anything
+        m.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+        assert main(["train", "--run", str(run), "--seed-model", str(seed), *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin" in err and "can run code" in err and f"cbtm convert {seed}" in err
+    assert RunDir(run).manifest() == before  # no seed recorded as done, no expert pending or failed
+
+    # the explicit conversion: the same tensors and dtypes, as safetensors; then the seed trains
+    converted = tmp_path / "opt-converted"
+    assert main(["convert", str(seed), "--to", str(converted)]) == 0
+    assert "weights_only=True" in capsys.readouterr().out
+    assert not list(converted.glob("*.bin")) and (converted / "model.safetensors").is_file()
+    assert (converted / "tokenizer.json").read_bytes() == (seed / "tokenizer.json").read_bytes()
+    want = torch.load(seed / "pytorch_model.bin", weights_only=True)
+    got = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True, trust_remote_code=False,
+                                               dtype="auto").state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert main(["train", "--run", str(run), "--seed-model", str(converted), *TRAIN]) == 0
+    m = RunDir(run).manifest()
+    assert m["seed"]["status"] == "done" and [e["status"] for e in m["experts"]] == ["done", "done"]
+
+
+def test_convert_sharded_checkpoints_and_bad_input(corpus, tmp_path, capsys):
+    seed = make_seed(tmp_path / "neox", "gpt_neox", corpus[1], tied=False, bin_only=True)
+    state = torch.load(seed / "pytorch_model.bin", weights_only=True)
+    (seed / "pytorch_model.bin").unlink()
+    keys = list(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        torch.save({k: state[k] for k in ks}, seed / name)
+    (seed / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    out = tmp_path / "converted"
+    assert main(["convert", str(seed), "--to", str(out)]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    got = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, trust_remote_code=False).state_dict()
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    # nothing to convert, a directory that is not a model, a pickle holding more than tensors
+    capsys.readouterr()
+    assert main(["convert", str(out), "--to", str(tmp_path / "again")]) == 2
+    assert "already holds safetensors" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path), "--to", str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    evil = tmp_path / "evil"
+    shutil.copytree(seed, evil, ignore=shutil.ignore_patterns("*.bin", "*.index.json"))
+    torch.save({"w": torch.zeros(2), "x": print}, evil / "pytorch_model.bin")
+    assert main(["convert", str(evil), "--to", str(tmp_path / "y")]) == 2
+    assert "weights_only=True" in capsys.readouterr().err and not (tmp_path / "y").exists()
