@@ -193,6 +193,12 @@ def _add_cluster(sub) -> None:
 # train and branch
 
 
+def _save_dtype_arg(p, what: str, default=None) -> None:
+    p.add_argument("--save-dtype", choices=defaults.SAVE_DTYPES, default=default,
+                   help=f"dtype {what} (default auto: the dtype of the weights they come from, so a float16 or "
+                   "bfloat16 seed gives float16 or bfloat16 experts; training itself runs in float32)")
+
+
 def _add_train_options(p) -> None:
     from .training.config import TrainConfig
 
@@ -213,6 +219,7 @@ def _add_train_options(p) -> None:
     g.add_argument("--seed", type=int, default=None, help=f"random seed ({d.seed})")
     g.add_argument("--no-bf16", dest="bf16", action="store_const", const=False, default=None,
                    help="no bf16 autocast on GPU")
+    _save_dtype_arg(g, "the trained models are saved in")
     e = p.add_argument_group("execution")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
@@ -222,7 +229,7 @@ def _add_train_options(p) -> None:
 
 def _settings(a) -> dict:
     names = ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip",
-             "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "seed", "bf16")
+             "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "seed", "bf16", "save_dtype")
     return {n: getattr(a, n) for n in names if getattr(a, n) is not None}
 
 
@@ -343,7 +350,7 @@ def _merge_average(a):
     from .experts import average
 
     print(f"parameter average of {a.run}'s experts ({a.weights if isinstance(a.weights, str) else 'given weights'}) "
-          f"-> {average(a.run, a.to, a.weights)}")
+          f"-> {average(a.run, a.to, a.weights, a.save_dtype)}")
 
 
 def _merge_add(a):
@@ -370,7 +377,7 @@ def _merge_export(a):
 def _merge_export_moe(a):
     from .moe import export_moe
 
-    print(export_moe(a.run, a.to, a.experts_per_token, a.gate, a.weights, a.gate_docs, a.seed))
+    print(export_moe(a.run, a.to, a.experts_per_token, a.gate, a.weights, a.gate_docs, a.seed, a.save_dtype))
 
 
 def _add_merge(sub) -> None:
@@ -381,6 +388,7 @@ def _add_merge(sub) -> None:
     a.add_argument("--to", required=True, help="new (or empty) directory of the averaged model, outside the run")
     a.add_argument("--weights", type=_average_weights, default="uniform",
                    help="uniform, sizes, or comma-separated numbers")
+    _save_dtype_arg(a, "the average is saved in", defaults.SAVE_DTYPE)
     a.set_defaults(fn=_merge_average)
     d = msub.add_parser("add", help="add a trained expert with a centre from documents of its domain")
     _run_arg(d, "run directory")
@@ -410,6 +418,7 @@ def _add_merge(sub) -> None:
     x.add_argument("--gate-docs", type=positive_int, default=32,
                    help="training documents per cluster that initialise the routers (default 32)")
     x.add_argument("--seed", type=int, default=0, help="seed of --gate random")
+    _save_dtype_arg(x, "the MoE is saved in", defaults.SAVE_DTYPE)
     x.set_defaults(fn=_merge_export_moe)
 
 

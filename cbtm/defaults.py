@@ -20,3 +20,5 @@ MODEL_SIZE = "tiny"        # named model config of fresh experts
 EVAL_BATCH = 32            # texts scored at once by an ensemble
 EVAL_CHUNK_TOKENS = 8192   # padded positions per expert forward pass when scoring
 BASELINES = ("random", "unbalanced", "gold")  # the demo's baselines: random equal / unbalanced k-means / gold labels
+SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # dtypes a trained or merged model can be saved in
+SAVE_DTYPE = "auto"        # "auto": the dtype the model's weights came in (a seed checkpoint's, or float32 when fresh)

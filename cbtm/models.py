@@ -138,6 +138,41 @@ def weights_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def stored_dtype(path: str | Path) -> str:
+    """The floating dtype that holds most of the parameters in a directory's safetensors weights
+    ("float32", "float16" or "bfloat16"; read from the file headers, no weights loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    count: dict[str, int] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as fh:
+            for key in fh.keys():
+                t = fh.get_slice(key)
+                if t.get_dtype() in names:
+                    name = names[t.get_dtype()]
+                    count[name] = count.get(name, 0) + math.prod(t.get_shape())
+    if not count:
+        raise ValueError(f"{path} has no float32, float16 or bfloat16 weights in safetensors files")
+    return max(count, key=count.get)
+
+
+def save_dtype(name: str, source: str | Path | None = None) -> "torch.dtype":
+    """The torch dtype of a ``--save-dtype`` name; "auto": ``source``'s :func:`stored_dtype`
+    (float32 without a source: a fresh model)."""
+    import torch
+
+    from .defaults import SAVE_DTYPES
+
+    if name not in SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {name!r}")
+    if name == "auto":
+        name = "float32" if source is None else stored_dtype(source)
+    return getattr(torch, name)
+
+
 def load_model(path: str | Path, dtype: "torch.dtype | None" = None, sha256: str | None = None):
     """A local Hugging Face causal LM directory (any architecture transformers itself implements):
     safetensors weights only, no custom code; ``dtype`` default float32; ``sha256``: the expected

@@ -57,16 +57,19 @@ def make_tokenizer(out: Path, style: str, texts: list[str], size: int = TOKENIZE
 
 
 def seed_config(arch: str, tokenizer, vocab: int, tied: bool):
-    """A tiny config of ``arch`` for ``tokenizer`` with ``vocab`` embedding rows."""
+    """A tiny config of ``arch`` for ``tokenizer`` with ``vocab`` embedding rows, without dropout (so a
+    training step's loss is a function of the weights)."""
     from transformers import (GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config)
 
     d, layers, heads, mlp, ctx = (TINY[k] for k in ("hidden", "layers", "heads", "mlp", "context"))
     ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=tied)
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_inner=mlp, n_positions=ctx, **ids)
+        return GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_inner=mlp, n_positions=ctx,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
     if arch == "opt":
         return OPTConfig(vocab_size=vocab, hidden_size=d, word_embed_proj_dim=d, num_hidden_layers=layers,
-                         num_attention_heads=heads, ffn_dim=mlp, max_position_embeddings=ctx, pad_token_id=None, **ids)
+                         num_attention_heads=heads, ffn_dim=mlp, max_position_embeddings=ctx, pad_token_id=None,
+                         dropout=0.0, attention_dropout=0.0, **ids)
     if arch == "gpt_neox":
         return GPTNeoXConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
                              intermediate_size=mlp, max_position_embeddings=ctx, **ids)
@@ -182,3 +185,41 @@ def test_convert_sharded_checkpoints_and_bad_input(corpus, tmp_path, capsys):
     torch.save({"w": torch.zeros(2), "x": print}, evil / "pytorch_model.bin")
     assert main(["convert", str(evil), "--to", str(tmp_path / "y")]) == 2
     assert "weights_only=True" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def dtypes(path: Path, pattern: str = "*.safetensors") -> set:
+    """The dtypes of the tensors in a directory's safetensors files."""
+    from safetensors import safe_open
+
+    out = set()
+    for f in path.glob(pattern):
+        with safe_open(str(f), framework="pt") as fh:
+            out |= {fh.get_slice(k).get_dtype() for k in fh.keys()}
+    return out
+
+
+def test_half_precision_seeds_give_experts_averages_and_moes_of_their_dtype(corpus, clustered, tmp_path):
+    seed = make_seed(tmp_path / "llama-bf16", "llama", corpus[1], tokenizer="llama", dtype=torch.bfloat16)
+    run = fresh(clustered, tmp_path)
+    assert main(["train", "--run", str(run), "--seed-model", str(seed), "--ckpt-every", "1", *TRAIN]) == 0
+    for e in ("expert_000", "expert_001"):
+        d = run / "experts" / e
+        assert dtypes(d) == {"BF16"} and json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
+        assert (d / "model.safetensors").stat().st_size < 1.2 * (seed / "model.safetensors").stat().st_size
+    # training keeps float32 master weights: the checkpoint after step 1 holds them
+    assert dtypes(run / "checkpoints" / "expert_000" / "step_00000001", "model.safetensors") == {"F32"}
+    assert main(["merge", "average", "--run", str(run), "--to", str(tmp_path / "avg")]) == 0
+    avg = AutoModelForCausalLM.from_pretrained(tmp_path / "avg", local_files_only=True, trust_remote_code=False,
+                                               dtype="auto")
+    assert avg.dtype == torch.bfloat16 and dtypes(tmp_path / "avg") == {"BF16"}
+    assert main(["merge", "export-moe", "--run", str(run), "--to", str(tmp_path / "moe"), "--gate-docs", "2"]) == 0
+    mix = tmp_path / "moe" / "experts" / "expert_000"
+    assert dtypes(mix) == {"BF16"} and AutoConfig.from_pretrained(mix).dtype == torch.bfloat16
+    # --save-dtype overrides, everywhere
+    assert main(["merge", "average", "--run", str(run), "--to", str(tmp_path / "avg32"), "--save-dtype", "float32"]) == 0
+    assert dtypes(tmp_path / "avg32") == {"F32"}
+    run32 = fresh(clustered, tmp_path, "run32")
+    assert main(["train", "--run", str(run32), "--seed-model", str(seed), "--save-dtype", "float32", *TRAIN]) == 0
+    assert dtypes(run32 / "experts" / "expert_000") == {"F32"}
+    with pytest.raises(SystemExit):
+        main(["train", "--run", str(run32), "--save-dtype", "float8", *TRAIN])
