@@ -236,8 +236,8 @@ def _settings(a) -> dict:
 def _train(a) -> None:
     from .training import TrainingFailed, train_dense, train_experts
 
-    kwargs = dict(model_size=a.model_size, seed_model=a.seed_model, seed_tokens=a.seed_tokens,
-                  experts=_int_list(a.experts) if a.experts else None, backend=a.backend, parallel=a.parallel,
+    seed = dict(model_size=a.model_size, seed_model=a.seed_model, seed_tokens=a.seed_tokens)  # None: not given
+    kwargs = dict(experts=_int_list(a.experts) if a.experts else None, backend=a.backend, parallel=a.parallel,
                   nproc_per_node=a.nproc_per_node, ray_address=a.ray_address, num_cpus=a.num_cpus,
                   num_gpus=a.num_gpus, retries=a.retries, vocab_size=a.vocab_size, device=a.device,
                   threads=a.threads, restart=a.restart, progress=not a.quiet, **_settings(a))
@@ -257,11 +257,11 @@ def _train(a) -> None:
             if not a.quiet:
                 print_summary(run_summary(RunDir(a.run), [expert_name(0)]))
         elif a.dense:
-            train_dense(a.run, a.total_tokens, like=a.like, corpus=a.corpus or None, **kwargs)
+            train_dense(a.run, a.total_tokens, like=a.like, corpus=a.corpus or None, **seed, **kwargs)
         else:
             if a.like or a.corpus:
                 raise ValueError("--like and corpus paths are for --dense; clustered runs use their own corpus")
-            train_experts(a.run, a.total_tokens, **kwargs)
+            train_experts(a.run, a.total_tokens, **{key: v for key, v in seed.items() if v is not None}, **kwargs)
     except TrainingFailed as e:
         raise SystemExit(f"cbtm: error: {e}") from None
 
@@ -306,12 +306,14 @@ def _add_train(sub) -> None:
     t.add_argument("--router-only", action="store_true", help="--moe: train only the routers")
     t.add_argument("--aux-loss-coef", type=float, default=0.01,
                    help="--moe: weight of the routers' load-balancing loss (default 0.01)")
-    t.add_argument("--like", default=None, help="--dense: the clustered run whose corpus, split and tokenizer to use")
-    t.add_argument("--model-size", default=defaults.MODEL_SIZE, choices=tuple(SIZES),
+    t.add_argument("--like", default=None, help="--dense: the trained clustered run to compare with: its corpus, "
+                   "split, tokenizer, seed (model, seed phase) and training settings (flags that differ are errors)")
+    t.add_argument("--model-size", default=None, choices=tuple(SIZES),
                    help=f"named config (default {defaults.MODEL_SIZE})")
-    t.add_argument("--seed-model", default=None, help="local Hugging Face causal LM directory to branch from")
-    t.add_argument("--seed-tokens", type=lambda v: 0 if v.strip() == "0" else parse_count(v), default=0,
-                   help="first train a dense seed on all clusters for this many tokens (BTM seed phase)")
+    t.add_argument("--seed-model", default=None, help="local Hugging Face causal LM directory to branch from "
+                   "(safetensors weights; `cbtm convert` converts pickled ones)")
+    t.add_argument("--seed-tokens", type=lambda v: 0 if v.strip() == "0" else parse_count(v), default=None,
+                   help="first train a dense seed on all clusters for this many tokens (BTM seed phase; default 0)")
     t.add_argument("--experts", default=None, help="comma-separated expert ids to train (default: all)")
     t.add_argument("--vocab-size", type=positive_int, default=None,
                    help=f"vocabulary of the BPE trained when the run has no tokenizer yet ({defaults.VOCAB_SIZE})")
