@@ -142,6 +142,8 @@ def test_pickled_seed_is_refused_with_how_to_convert_and_nothing_recorded(corpus
     err = capsys.readouterr().err
     assert "pytorch_model.bin" in err and "can run code" in err and f"cbtm convert {seed}" in err
     assert RunDir(run).manifest() == before  # no seed recorded as done, no expert pending or failed
+    assert main(["merge", "add", "--run", str(run), "--expert", str(seed), "--docs", str(corpus[0])]) == 2
+    assert f"cbtm convert {seed}" in capsys.readouterr().err and not (run / "experts").exists()
 
     # the explicit conversion: the same tensors and dtypes, as safetensors; then the seed trains
     converted = tmp_path / "opt-converted"
