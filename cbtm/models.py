@@ -279,8 +279,8 @@ def convert_pickled(src: str | Path, out: str | Path) -> Path:
         shards = ["pytorch_model.bin"]
     else:
         raise FileNotFoundError(f"{src} has no pytorch_model.bin (or pytorch_model.bin.index.json) to convert")
-    names = {s: "model.safetensors" if len(shards) == 1 else s.replace("pytorch_model", "model").replace(".bin", ".safetensors")
-             for s in shards}
+    names = {s: "model.safetensors" if len(shards) == 1 else
+             s.replace("pytorch_model", "model").replace(".bin", ".safetensors") for s in shards}
     skip = {index.name, *shards}
 
     def save(tmp: str) -> None:
@@ -293,18 +293,20 @@ def convert_pickled(src: str | Path, out: str | Path) -> Path:
             try:
                 state = torch.load(src / shard, map_location="cpu", weights_only=True)
             except Exception as e:  # weights_only refuses anything but tensors and plain containers
-                raise ValueError(f"cannot read {src / shard} as plain tensors (torch.load weights_only=True): {e}") from None
+                raise ValueError(f"cannot read {src / shard} as plain tensors (torch.load weights_only=True): "
+                                 f"{e}") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ValueError(f"{src / shard} is not a state dict of tensors")
             seen, tensors = set(), {}
-            for key, t in state.items():  # tied weights share storage, which safetensors stores once per name
+            for key, t in state.items():  # safetensors refuses shared storage (tied weights): repeats are copied
                 ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
                 tensors[key] = t.clone().contiguous() if ptr in seen else t.contiguous()
                 seen.add(ptr)
                 new_map[key] = names[shard]
             save_file(tensors, str(tmp / names[shard]), metadata={"format": "pt"})
         if len(shards) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": new_map}, indent=2))
+            index_json = {"metadata": {}, "weight_map": new_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
         for f in src.iterdir():
             if f.is_file() and not f.is_symlink() and f.name not in skip and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)

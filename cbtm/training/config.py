@@ -31,7 +31,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True            # bf16 autocast on GPU; CPU trains in fp32
     fused_loss: bool = True      # cross-entropy fused with the output projection (same loss, less work)
-    save_dtype: str = defaults.SAVE_DTYPE  # dtype of the saved model; "auto": the initial weights' (training is float32)
+    save_dtype: str = defaults.SAVE_DTYPE  # of the saved model; "auto": the initial weights' (training is float32)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "eval_tokens", "keep_checkpoints",
