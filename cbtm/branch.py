@@ -62,10 +62,11 @@ def average_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]],
 
 
 def average_experts(paths: Sequence[str | Path], weights: Sequence[float] | None = None,
-                    digests: Sequence[str | None] | None = None):
+                    digests: Sequence[str | None] | None = None, dtype: torch.dtype | None = None):
     """The weighted parameter average of expert directories (``save_pretrained`` outputs of one
-    architecture) as a model with the first expert's config; ``digests``: their expected weight
-    checksums. Holds two models in memory at a time."""
+    architecture) as a model with the first expert's config, accumulated in float32 and returned
+    in ``dtype`` (default: the dtype the first expert's weights are stored in); ``digests``: their
+    expected weight checksums. Holds two models in memory at a time."""
     paths = [Path(p) for p in paths]
     w = normalise_weights(weights, len(paths))
     digests = list(digests) if digests is not None else [None] * len(paths)
@@ -89,7 +90,7 @@ def average_experts(paths: Sequence[str | Path], weights: Sequence[float] | None
                 raise ValueError(f"non-floating tensor {name!r} of {path} differs from expert 0")
         del other, sd
     model.load_state_dict({name: t.to(first[name].dtype) for name, t in acc.items()})
-    return model
+    return model.to(models.save_dtype("auto", paths[0]) if dtype is None else dtype)
 
 
 def default_sources(run, expert: int) -> list[int]:

@@ -193,6 +193,12 @@ def _add_cluster(sub) -> None:
 # train and branch
 
 
+def _save_dtype_arg(p, what: str, default=None) -> None:
+    p.add_argument("--save-dtype", choices=defaults.SAVE_DTYPES, default=default,
+                   help=f"dtype {what} (default auto: the dtype of the weights they come from, so a float16 or "
+                   "bfloat16 seed gives float16 or bfloat16 experts; training itself runs in float32)")
+
+
 def _add_train_options(p) -> None:
     from .training.config import TrainConfig
 
@@ -213,6 +219,7 @@ def _add_train_options(p) -> None:
     g.add_argument("--seed", type=int, default=None, help=f"random seed ({d.seed})")
     g.add_argument("--no-bf16", dest="bf16", action="store_const", const=False, default=None,
                    help="no bf16 autocast on GPU")
+    _save_dtype_arg(g, "the trained models are saved in")
     e = p.add_argument_group("execution")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
@@ -222,15 +229,15 @@ def _add_train_options(p) -> None:
 
 def _settings(a) -> dict:
     names = ("seq_len", "batch_size", "grad_accum", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip",
-             "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "seed", "bf16")
+             "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "seed", "bf16", "save_dtype")
     return {n: getattr(a, n) for n in names if getattr(a, n) is not None}
 
 
 def _train(a) -> None:
     from .training import TrainingFailed, train_dense, train_experts
 
-    kwargs = dict(model_size=a.model_size, seed_model=a.seed_model, seed_tokens=a.seed_tokens,
-                  experts=_int_list(a.experts) if a.experts else None, backend=a.backend, parallel=a.parallel,
+    seed = dict(model_size=a.model_size, seed_model=a.seed_model, seed_tokens=a.seed_tokens)  # None: not given
+    kwargs = dict(experts=_int_list(a.experts) if a.experts else None, backend=a.backend, parallel=a.parallel,
                   nproc_per_node=a.nproc_per_node, ray_address=a.ray_address, num_cpus=a.num_cpus,
                   num_gpus=a.num_gpus, retries=a.retries, vocab_size=a.vocab_size, device=a.device,
                   threads=a.threads, restart=a.restart, progress=not a.quiet, **_settings(a))
@@ -250,11 +257,11 @@ def _train(a) -> None:
             if not a.quiet:
                 print_summary(run_summary(RunDir(a.run), [expert_name(0)]))
         elif a.dense:
-            train_dense(a.run, a.total_tokens, like=a.like, corpus=a.corpus or None, **kwargs)
+            train_dense(a.run, a.total_tokens, like=a.like, corpus=a.corpus or None, **seed, **kwargs)
         else:
             if a.like or a.corpus:
                 raise ValueError("--like and corpus paths are for --dense; clustered runs use their own corpus")
-            train_experts(a.run, a.total_tokens, **kwargs)
+            train_experts(a.run, a.total_tokens, **{key: v for key, v in seed.items() if v is not None}, **kwargs)
     except TrainingFailed as e:
         raise SystemExit(f"cbtm: error: {e}") from None
 
@@ -299,12 +306,14 @@ def _add_train(sub) -> None:
     t.add_argument("--router-only", action="store_true", help="--moe: train only the routers")
     t.add_argument("--aux-loss-coef", type=float, default=0.01,
                    help="--moe: weight of the routers' load-balancing loss (default 0.01)")
-    t.add_argument("--like", default=None, help="--dense: the clustered run whose corpus, split and tokenizer to use")
-    t.add_argument("--model-size", default=defaults.MODEL_SIZE, choices=tuple(SIZES),
+    t.add_argument("--like", default=None, help="--dense: the trained clustered run to compare with: its corpus, "
+                   "split, tokenizer, seed (model, seed phase) and training settings (flags that differ are errors)")
+    t.add_argument("--model-size", default=None, choices=tuple(SIZES),
                    help=f"named config (default {defaults.MODEL_SIZE})")
-    t.add_argument("--seed-model", default=None, help="local Hugging Face causal LM directory to branch from")
-    t.add_argument("--seed-tokens", type=lambda v: 0 if v.strip() == "0" else parse_count(v), default=0,
-                   help="first train a dense seed on all clusters for this many tokens (BTM seed phase)")
+    t.add_argument("--seed-model", default=None, help="local Hugging Face causal LM directory to branch from "
+                   "(safetensors weights; `cbtm convert` converts pickled ones)")
+    t.add_argument("--seed-tokens", type=lambda v: 0 if v.strip() == "0" else parse_count(v), default=None,
+                   help="first train a dense seed on all clusters for this many tokens (BTM seed phase; default 0)")
     t.add_argument("--experts", default=None, help="comma-separated expert ids to train (default: all)")
     t.add_argument("--vocab-size", type=positive_int, default=None,
                    help=f"vocabulary of the BPE trained when the run has no tokenizer yet ({defaults.VOCAB_SIZE})")
@@ -343,7 +352,7 @@ def _merge_average(a):
     from .experts import average
 
     print(f"parameter average of {a.run}'s experts ({a.weights if isinstance(a.weights, str) else 'given weights'}) "
-          f"-> {average(a.run, a.to, a.weights)}")
+          f"-> {average(a.run, a.to, a.weights, a.save_dtype)}")
 
 
 def _merge_add(a):
@@ -370,7 +379,7 @@ def _merge_export(a):
 def _merge_export_moe(a):
     from .moe import export_moe
 
-    print(export_moe(a.run, a.to, a.experts_per_token, a.gate, a.weights, a.gate_docs, a.seed))
+    print(export_moe(a.run, a.to, a.experts_per_token, a.gate, a.weights, a.gate_docs, a.seed, a.save_dtype))
 
 
 def _add_merge(sub) -> None:
@@ -381,6 +390,7 @@ def _add_merge(sub) -> None:
     a.add_argument("--to", required=True, help="new (or empty) directory of the averaged model, outside the run")
     a.add_argument("--weights", type=_average_weights, default="uniform",
                    help="uniform, sizes, or comma-separated numbers")
+    _save_dtype_arg(a, "the average is saved in", defaults.SAVE_DTYPE)
     a.set_defaults(fn=_merge_average)
     d = msub.add_parser("add", help="add a trained expert with a centre from documents of its domain")
     _run_arg(d, "run directory")
@@ -410,7 +420,27 @@ def _add_merge(sub) -> None:
     x.add_argument("--gate-docs", type=positive_int, default=32,
                    help="training documents per cluster that initialise the routers (default 32)")
     x.add_argument("--seed", type=int, default=0, help="seed of --gate random")
+    _save_dtype_arg(x, "the MoE is saved in", defaults.SAVE_DTYPE)
     x.set_defaults(fn=_merge_export_moe)
+
+
+def _convert(a):
+    from .models import convert_pickled
+
+    print(f"{a.model}: pickled weights read with torch.load(weights_only=True), written as safetensors "
+          f"-> {convert_pickled(a.model, a.to)}")
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="rewrite a checkpoint's pickled weights (pytorch_model.bin) as safetensors",
+                       description="Copy a Hugging Face model directory whose weights are pickles (pytorch_model.bin, "
+                       "or shards with pytorch_model.bin.index.json) to a new directory with the same weights as "
+                       "safetensors, the only format cbtm loads. The pickles are read with "
+                       "torch.load(weights_only=True), which builds tensors and nothing else; no other cbtm command "
+                       "ever reads a pickle.")
+    c.add_argument("model", help="the model directory with pickled weights")
+    c.add_argument("--to", required=True, help="new (or empty) directory of the converted model")
+    c.set_defaults(fn=_convert)
 
 
 def _eval(a):
@@ -500,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(sub)
     _add_train(sub)
     _add_merge(sub)
+    _add_convert(sub)
     _add_eval_demo(sub)
     _add_serve(sub)
     return p

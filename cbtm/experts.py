@@ -24,10 +24,11 @@ def trained_entries(run) -> list[dict]:
     return entries
 
 
-def average(run, out, weights: str | Sequence[float] = "uniform") -> Path:
+def average(run, out, weights: str | Sequence[float] = "uniform", save_dtype: str = defaults.SAVE_DTYPE) -> Path:
     """The parameter average of a run's experts, saved as one Hugging Face model (with the run's
     tokenizer) in the new or empty directory ``out`` (or a previous average). weights: "uniform",
-    "sizes" (training documents per cluster) or one number per expert."""
+    "sizes" (training documents per cluster) or one number per expert; ``save_dtype``: see
+    :func:`cbtm.models.save_dtype` ("auto": the experts' dtype)."""
     run = RunDir.of(run)
     out = Path(out)
     if run.contains(out) or out.resolve() in run.path.resolve().parents:
@@ -45,7 +46,8 @@ def average(run, out, weights: str | Sequence[float] = "uniform") -> Path:
     else:
         w = list(weights)
     w = normalise_weights(w, len(entries))
-    model = average_experts([run.resolve(e["path"]) for e in entries], w, [e.get("sha256") for e in entries])
+    paths = [run.resolve(e["path"]) for e in entries]
+    model = average_experts(paths, w, [e.get("sha256") for e in entries], models.save_dtype(save_dtype, paths[0]))
     tokenizer = load_tokenizer(run.tokenizer)
 
     def save(tmp: str) -> None:
@@ -69,6 +71,7 @@ def add_expert(run, expert_dir, centre_texts: Sequence[str]) -> int:
     if not centre_texts:
         raise ValueError("the new expert's centre needs at least one document of its domain")
     models.load_config(expert_dir)  # refuses custom code and unreadable configs before anything is copied
+    models.require_safetensors(expert_dir)
     embedder, km = load_router(run)
     centre = embedder.transform(list(centre_texts)).mean(0).astype(np.float32)  # (D,)
     experts = run.expert_entries()

@@ -106,6 +106,24 @@ def load_config(path: str | Path):
         raise ValueError(f"cannot read the model config {path / 'config.json'}: {e}") from None
 
 
+PICKLED = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")  # weight files torch.load would unpickle
+
+
+def require_safetensors(path: str | Path) -> None:
+    """FileNotFoundError unless the model directory holds safetensors weights; for pickled weights
+    it says why they are refused and how to convert them."""
+    path = Path(path)
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for pattern in PICKLED for f in path.glob(pattern))
+    if pickled:
+        raise FileNotFoundError(
+            f"{path} holds its weights as pickles ({', '.join(pickled[:3])}), which cbtm never loads: unpickling a "
+            f"file can run code. Convert them once to safetensors with `cbtm convert {path} --to NEW_DIR` (it reads "
+            "them with torch.load(weights_only=True)) and use NEW_DIR")
+    raise FileNotFoundError(f"{path} has no .safetensors weights")
+
+
 def weights_digest(path: str | Path) -> str:
     """sha256 over the directory's safetensors weight files (names and bytes), for integrity checks."""
     files = sorted(Path(path).glob("*.safetensors"))
@@ -118,6 +136,41 @@ def weights_digest(path: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def stored_dtype(path: str | Path) -> str:
+    """The floating dtype that holds most of the parameters in a directory's safetensors weights
+    ("float32", "float16" or "bfloat16"; read from the file headers, no weights loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    count: dict[str, int] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as fh:
+            for key in fh.keys():
+                t = fh.get_slice(key)
+                if t.get_dtype() in names:
+                    name = names[t.get_dtype()]
+                    count[name] = count.get(name, 0) + math.prod(t.get_shape())
+    if not count:
+        raise ValueError(f"{path} has no float32, float16 or bfloat16 weights in safetensors files")
+    return max(count, key=count.get)
+
+
+def save_dtype(name: str, source: str | Path | None = None) -> "torch.dtype":
+    """The torch dtype of a ``--save-dtype`` name; "auto": ``source``'s :func:`stored_dtype`
+    (float32 without a source: a fresh model)."""
+    import torch
+
+    from .defaults import SAVE_DTYPES
+
+    if name not in SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {name!r}")
+    if name == "auto":
+        name = "float32" if source is None else stored_dtype(source)
+    return getattr(torch, name)
 
 
 def load_model(path: str | Path, dtype: "torch.dtype | None" = None, sha256: str | None = None):
@@ -196,3 +249,66 @@ def context_of_size(size: str) -> int:
 def default_lr(size: str | None) -> float:
     """Peak learning rate of a named size, or of a pretrained seed model (``size=None``)."""
     return SEED_MODEL_LR if size is None else _check_size(size)[5]
+
+
+def convert_pickled(src: str | Path, out: str | Path) -> Path:
+    """Copy the model directory ``src`` to ``out`` (new or empty) with its pickled weights
+    (``pytorch_model.bin``, or shards listed in ``pytorch_model.bin.index.json``) rewritten as
+    safetensors in the same dtypes. The one place cbtm reads a pickle, and only when asked to: with
+    ``torch.load(weights_only=True)``, which builds tensors and containers and nothing else."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .rundir import replace_dir
+
+    src = Path(src)
+    _check_model_dir(src)
+    if any(src.glob("*.safetensors")):
+        raise ValueError(f"{src} already holds safetensors weights: nothing to convert")
+    index = src / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is not a weight index (a JSON object with a weight_map)") from None
+    elif (src / "pytorch_model.bin").is_file():
+        shards = ["pytorch_model.bin"]
+    else:
+        raise FileNotFoundError(f"{src} has no pytorch_model.bin (or pytorch_model.bin.index.json) to convert")
+    names = {s: "model.safetensors" if len(shards) == 1 else
+             s.replace("pytorch_model", "model").replace(".bin", ".safetensors") for s in shards}
+    skip = {index.name, *shards}
+
+    def save(tmp: str) -> None:
+        tmp = Path(tmp)
+        tmp.mkdir(parents=True)
+        new_map = {}
+        for shard in shards:
+            if Path(shard).name != shard or not (src / shard).is_file():
+                raise FileNotFoundError(f"{index}: shard {shard!r} is not a file of {src}")
+            try:
+                state = torch.load(src / shard, map_location="cpu", weights_only=True)
+            except Exception as e:  # weights_only refuses anything but tensors and plain containers
+                raise ValueError(f"cannot read {src / shard} as plain tensors (torch.load weights_only=True): "
+                                 f"{e}") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError(f"{src / shard} is not a state dict of tensors")
+            seen, tensors = set(), {}
+            for key, t in state.items():  # safetensors refuses shared storage (tied weights): repeats are copied
+                ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                tensors[key] = t.clone().contiguous() if ptr in seen else t.contiguous()
+                seen.add(ptr)
+                new_map[key] = names[shard]
+            save_file(tensors, str(tmp / names[shard]), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index_json = {"metadata": {}, "weight_map": new_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+        for f in src.iterdir():
+            if f.is_file() and not f.is_symlink() and f.name not in skip and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+
+    return replace_dir(out, save, "model")

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import assignments, models, tokens
+from . import assignments, defaults, models, tokens
 from .branch import average_experts, normalise_weights
 from .experts import trained_entries
 from .rundir import RunDir, expert_name, replace_dir
@@ -174,10 +174,12 @@ def active_params(moe) -> int:
 
 
 def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weights: str = "sizes",
-               gate_docs: int = GATE_DOCS, seed: int = 0, progress: bool = True) -> Path:
+               gate_docs: int = GATE_DOCS, seed: int = 0, save_dtype: str = defaults.SAVE_DTYPE,
+               progress: bool = True) -> Path:
     """Merge the trained experts of ``run`` into a Mixtral model and write the MoE run ``to`` (a new
     or empty directory, or an earlier export, outside ``run``). weights: "sizes" (training
-    documents per cluster) or "uniform". Returns the Mixtral checkpoint's directory."""
+    documents per cluster) or "uniform"; ``save_dtype``: see :func:`cbtm.models.save_dtype`
+    ("auto": the experts' dtype). Returns the Mixtral checkpoint's directory."""
     run, to = RunDir.of(run), Path(to)
     if _inside(run, to):
         raise ValueError(f"--to {to} is inside (or contains) the run directory {run.path} that is read: "
@@ -196,14 +198,16 @@ def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weight
     paths = [run.resolve(e["path"]) for e in entries]
     digests = [e.get("sha256") for e in entries]
     config = _shared_config(paths)
+    dtype = models.save_dtype(save_dtype, paths[0])
     if not 1 <= experts_per_token <= len(paths):
         raise ValueError(f"--experts-per-token must be between 1 and the {len(paths)} experts, got {experts_per_token}")
     tokenizer = tokens.load_tokenizer(run.tokenizer)
     if progress:
         print(f"averaging {len(paths)} experts (weights {[round(x, 3) for x in w]}), {gate} routers ...", flush=True)
-    base = average_experts(paths, w, digests)
+    base = average_experts(paths, w, digests, torch.float32)
     samples = None if gate == "random" else _samples(run, clusters, gate_docs, tokenizer)
-    moe = build_moe(config, base, paths, gate_weights(base, gate, samples, clusters, seed), experts_per_token, digests)
+    moe = build_moe(config, base, paths, gate_weights(base, gate, samples, clusters, seed), experts_per_token,
+                    digests).to(dtype)
     del base
     info = {"source": str(run.path.resolve()), "experts": [e["id"] for e in entries], "clusters": clusters,
             "weights": w, "gate": gate, "gate_documents": None if gate == "random" else int(gate_docs),

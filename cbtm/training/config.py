@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from .. import defaults
+
 SEED_KEY = 1_000_003  # data-order key of the seed phase (experts use their id)
 
 
@@ -29,6 +31,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True            # bf16 autocast on GPU; CPU trains in fp32
     fused_loss: bool = True      # cross-entropy fused with the output projection (same loss, less work)
+    save_dtype: str = defaults.SAVE_DTYPE  # of the saved model; "auto": the initial weights' (training is float32)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "eval_tokens", "keep_checkpoints",
@@ -48,10 +51,12 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.save_dtype not in defaults.SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {', '.join(defaults.SAVE_DTYPES)}, got {self.save_dtype!r}")
 
     def trained_fields(self) -> dict:
         """The settings that change the trained weights (evaluation and checkpoint cadence do not)."""
-        skip = {"eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints"}
+        skip = {"eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "save_dtype"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 

@@ -194,8 +194,9 @@ def _run_job(run: RunDir, spec: dict, device, progress: bool, callback, position
     final = trainer.evaluate(blocks)
     state["seconds"] += time.perf_counter() - mark
     state["valid"].append({"step": state["step"], "tokens": state["tokens"], "valid_loss": final})
-    if rank == 0:
-        models.save(trainer.model, out_dir)
+    if rank == 0:  # trained in float32, saved in the init's dtype unless save_dtype names another
+        source = None if "size" in spec["init"] else _resolve(run, spec["init"]["path"])
+        models.save(trainer.model.to(models.save_dtype(cfg.save_dtype, source)), out_dir)
     speed = session_tokens / session_train_s if session_train_s else None
     result = {"final_valid_loss": final, "valid_tokens": sum(len(b) for b in blocks),
               "tokens_trained": state["tokens"], "tokens_per_s": speed, "finished": now(),

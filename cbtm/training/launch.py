@@ -305,7 +305,8 @@ def prepare_dense(out, *, like=None, corpus=None, valid_fraction: float = defaul
         assignments.write_assignments(out, assignments.dense_records(like), s["paths"], k=1, name="dense",
                                       **assignments.read_options(s), source=f"dense, like {like.path}")
         if not (out.tokenizer / "tokenizer_config.json").is_file():
-            tokens.ensure_tokenizer(like, seed_model, vocab_size, progress)
+            if not (like.tokenizer / "tokenizer_config.json").is_file():
+                tokens.ensure_tokenizer(like, seed_model, vocab_size, progress)
             tokens.copy_tokenizer(like, out)
     else:
         records = assignments.dense_records(None, corpus, valid_fraction, split_seed)
@@ -313,12 +314,55 @@ def prepare_dense(out, *, like=None, corpus=None, valid_fraction: float = defaul
     return out
 
 
+def like_settings(like, given: dict) -> dict:
+    """What makes a dense baseline compute-matched with the trained run ``like``: its seed (model
+    size or seed model, and seed phase), tokenizer, and every TrainConfig field that shapes the
+    weights (sequence length, batch, schedule, ...). ``given``: the caller's explicit values (None:
+    not given), each checked against the run's: one that differs is a ValueError naming both.
+    Returns :func:`train_experts` keywords (``given`` alone while ``like`` is not trained yet)."""
+    like = RunDir.of(like)
+    train = like.section("train")
+    if not train:
+        return {key: v for key, v in given.items() if v is not None}
+    ref = {"model_size": train.get("model_size"), "seed_model": train.get("seed_model"),
+           "seed_tokens": train.get("seed_tokens") or 0, **TrainConfig(**train["config"]).trained_fields()}
+    tok = like.section("tokenizer")
+    for key, value in given.items():
+        if value is None:
+            continue
+        have = tok.get("vocab_size") if key == "vocab_size" else ref[key]
+        if key == "seed_model":
+            value = str(Path(value).resolve())
+        elif key == "betas":
+            value, have = tuple(float(b) for b in value), tuple(have)
+        if value != have:
+            if key == "model_size" and have is None:
+                have = f"none (it branched from --seed-model {ref['seed_model']})"
+            elif key == "vocab_size" and tok.get("source") != "bpe":
+                have = f"none (its tokenizer is the seed model's, {tok.get('size')} tokens)"
+            raise ValueError(f"--{key.replace('_', '-')} {value} differs from the run --like {like.path} was trained "
+                             f"with: {have}. --like takes the seed, tokenizer, model and schedule from that run, so "
+                             "that the comparison is compute-matched: drop the flag")
+    return {**ref, "model_size": ref["model_size"] or defaults.MODEL_SIZE, "vocab_size": given.get("vocab_size")}
+
+
 def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fraction: float = defaults.VALID_FRACTION,
-                split_seed: int = defaults.SPLIT_SEED, seed_model: str | Path | None = None,
+                split_seed: int = defaults.SPLIT_SEED, model_size: str | None = None,
+                seed_model: str | Path | None = None, seed_tokens: int | None = None,
                 vocab_size: int | None = None, **kwargs) -> dict:
     """The compute-matched dense baseline: one model trained on every training document for
     ``total_tokens``, in its own run directory ``out`` (k=1; see :func:`prepare_dense` for ``like``,
-    ``corpus`` and the split). Other arguments as :func:`train_experts`."""
+    ``corpus`` and the split). After a trained ``like`` run, everything else that makes the
+    comparison compute-matched is that run's (:func:`like_settings`; a seed phase is repeated on
+    the dense run's data), and an explicit value that differs is an error. None: the run's or
+    :func:`train_experts`'s default; other arguments as :func:`train_experts`."""
+    if like is not None and kwargs.get("config") is not None:
+        raise ValueError("with like, the training settings are the run's: pass overrides as keywords, not config")
+    shaping = set(TrainConfig().trained_fields())
+    given = {"model_size": model_size, "seed_model": seed_model, "seed_tokens": seed_tokens, "vocab_size": vocab_size,
+             **{key: kwargs.pop(key) for key in shaping & set(kwargs)}}
+    settings = like_settings(like, given) if like is not None else {k: v for k, v in given.items() if v is not None}
     out = prepare_dense(out, like=like, corpus=corpus, valid_fraction=valid_fraction, split_seed=split_seed,
-                        seed_model=seed_model, vocab_size=vocab_size, progress=kwargs.get("progress", True))
-    return train_experts(out, total_tokens, seed_model=seed_model, vocab_size=vocab_size, **kwargs)
+                        seed_model=settings.get("seed_model"), vocab_size=settings.get("vocab_size"),
+                        progress=kwargs.get("progress", True))
+    return train_experts(out, total_tokens, **settings, **kwargs)

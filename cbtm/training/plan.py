@@ -57,6 +57,7 @@ def plan_jobs(run: RunDir, *, total_tokens: int, model_size: str, seed_model, se
         seed_model = Path(seed_model).resolve()
         if not seed_model.exists():
             raise FileNotFoundError(f"seed model not found: {seed_model}")
+        models.require_safetensors(seed_model)
         context = models.context_length(models.load_config(seed_model))
     if context is not None and cfg.seq_len > context:
         raise ValueError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens: "
