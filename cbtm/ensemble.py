@@ -110,6 +110,8 @@ class Ensemble:
         if missing:
             raise ValueError(f"experts {missing} of {run.path} are not trained (status != done)")
         paths = [run.resolve(e["path"]) for e in entries]
+        if kind == "cluster" and len(entries) == 1 and not (run.router / "kmeans.json").is_file():
+            kind = "uniform"  # a dense run (or an exported MoE): a one-expert ensemble needs no router
         router = None
         if kind == "cluster":
             full = Router.load(run.path, routing, temperature=temperature, official_distance=official_distance)

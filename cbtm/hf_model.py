@@ -2,7 +2,7 @@
 strings, streamers, batched left-padded inputs) decodes with C-BTM:
 
     model = cbtm.EnsembleForCausalLM.from_run("runs/demo/cbtm-k8", top_k=2)
-    tok = model.tokenizer                       # the run's tokenizer: adds BOS, pads on the left
+    tok = model.tokenizer                       # the run's tokenizer: adds the start token, pads on the left
     batch = tok(["The king said", "Once"], return_tensors="pt", padding=True)
     out = model.generate(**batch, max_new_tokens=20, do_sample=False)
 
@@ -91,6 +91,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         self.ensemble = ensemble
         self.engine = ensemble.engine()
         self.tokenizer = copy.deepcopy(ensemble.tokenizer)
+        if self.tokenizer.bos_token_id != ensemble.bos:  # BOS-less (Qwen2-style): the start token is EOS
+            self.tokenizer.bos_token = self.tokenizer.convert_ids_to_tokens(ensemble.bos)
         self.tokenizer.add_bos_token = True
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:

@@ -215,9 +215,16 @@ def test_bos_less_tokenizer_one_start_rule(run, tmp_path):
     tok.bos_token = None
     tok.save_pretrained(path / "tokenizer")
     model = EnsembleForCausalLM.from_run(path, top_k=2)
-    assert model.tokenizer.bos_token_id is None and model.ensemble.bos == tok.eos_token_id
+    assert model.ensemble.bos == tok.eos_token_id and model.tokenizer("x")["input_ids"][0] == tok.eos_token_id
     want = Ensemble.load(path, top_k=2).generate(PROMPTS[:3], max_new_tokens=10, temperature=0)
     mt = model.tokenizer
+    text = "And the king said unto them"  # both score every token after the start token
+    want_lp = Ensemble.load(path, top_k=2).score([text])[0]
+    ids = mt(text, return_tensors="pt")["input_ids"]
+    assert torch.allclose(model(input_ids=ids).logits[0, :-1].gather(-1, ids[0, 1:, None])[:, 0], want_lp, atol=1e-5)
+    bare = torch.tensor([tok(text)["input_ids"]])  # without the start token: the engine adds it
+    assert torch.allclose(model(input_ids=bare).logits[0, :-1].gather(-1, bare[0, 1:, None])[:, 0], want_lp[1:],
+                          atol=1e-5)
     for p, w in zip(PROMPTS[:3], want):
         enc = mt([p], return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=10, do_sample=False)

@@ -240,8 +240,6 @@ CASES = {  # name -> make_seed arguments (and the seed phase the run starts with
     "qwen2-nobos-bf16": dict(arch="qwen2", tokenizer="qwen2", dtype=BF16),
     "gemma-padded-fp16": dict(arch="gemma", tokenizer="llama", dtype=F16, vocab=PADDED_VOCAB),
 }
-PADDED = "the model's vocabulary is padded past the tokenizer's: EnsembleForCausalLM's logits (issue 25 item 3)"
-NO_BOS = "the tokenizer has no BOS: both decoders must start from the same token (issue 25 item 4)"
 DENSE = ["--total-tokens", "512", "--eval-every", "0", "--threads", "1", "--quiet"]  # the README's command
 
 
@@ -326,10 +324,7 @@ def test_ensemble_generate(pipeline, case):
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=PADDED, strict=False))
-                                  if CASES[c].get("vocab") else
-                                  pytest.param(c, marks=pytest.mark.xfail(reason=NO_BOS, strict=False))
-                                  if CASES[c]["tokenizer"] == "qwen2" else c for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_both_decoders_agree(pipeline, case):
     """EnsembleForCausalLM's log-probs of a text are Ensemble.score's, and its greedy decoding is
     Ensemble.generate's."""
@@ -354,8 +349,6 @@ def test_both_decoders_agree(pipeline, case):
         ens.generate(prompts, max_new_tokens=6, greedy=True)
 
 
-@pytest.mark.xfail(reason="needs Ensemble.load change: a run without a router and one expert loads as that expert",
-                   strict=False)
 def test_a_dense_run_loads_as_a_one_expert_ensemble(pipeline):
     from cbtm import Ensemble, models
 
