@@ -263,9 +263,10 @@ class Engine:
                 weights.append(self._route_positions(seq, n))
             else:
                 self._slide(seq)
-                weights.append(self._route([seq]))
             order.append(len(rows))
             rows.append(seq)
+        if rows and not all_positions:  # every row routed at once on its whole text
+            weights = [w[None] for w in self._route(rows)]
         out = self._forward(rows, weights) if rows else []
         return [out[i] if i is not None else torch.zeros(0, self.vocab) for i in order]
 

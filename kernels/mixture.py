@@ -347,9 +347,13 @@ def weighted_logsumexp_ref(logits: Logits, log_weights: torch.Tensor, upcast=Tru
         return torch.log_softmax(xs[j].to(dt), dim=-1) + lw[:, j:j + 1].to(dt)
     if not used:
         return neg_inf.expand(B, V).clone()
-    terms = torch.stack([torch.where(active[:, j:j + 1], torch.log_softmax(xs[j].to(dt), dim=-1) + lw[:, j:j + 1].to(dt),
-                                     neg_inf) for j in used])  # [k used, B, V]
-    return torch.logsumexp(terms, dim=0)
+    out = None
+    for j in used:  # a running log-add-exp over the used experts, in place
+        term = torch.log_softmax(xs[j].to(dt), dim=-1).add_(lw[:, j:j + 1].to(dt))
+        if not bool(active[:, j].all()):
+            term = torch.where(active[:, j:j + 1], term, neg_inf)
+        out = term if out is None else torch.logaddexp(out, term, out=out)
+    return out
 
 
 def weighted_logsumexp_target_ref(logits: Logits, log_weights: torch.Tensor, target: torch.Tensor,
