@@ -617,13 +617,12 @@ class _StackedRunner:
         experts = np.array([s[1] for s in seg])
         with torch.no_grad():
             h = st.forward(ids, torch.from_numpy(experts), torch.tensor([s[2] for s in seg]), torch.from_numpy(n),
-                           torch.tensor([seqs[s[0]].experts[s[1]][0] for s in seg]))  # (P, T, d)
+                           torch.tensor([seqs[s[0]].experts[s[1]][0] for s in seg]))  # (sum n, d)
             want = n - np.array([s[4] - s[2] for s in seg])  # positions wanted, the last of each segment
-            if T == 1:
-                h = h.reshape(len(seg), -1)
-            else:
-                rows = np.concatenate([p * T + np.arange(s[4] - s[2], s[3] - s[2]) for p, s in enumerate(seg)])
-                h = h.reshape(-1, h.shape[-1])[torch.from_numpy(rows).to(h.device)]
+            if T > 1:  # h is packed (sum n, d): segment p's rows start at the sum of the lengths before it
+                first = np.cumsum(n) - want
+                rows = np.concatenate([a + np.arange(w) for a, w in zip(first, want)])
+                h = h[torch.from_numpy(rows).to(h.device)]
             counts = np.bincount(experts, weights=want, minlength=st.n_experts).astype(int).tolist()
             return st.logits(h, counts).float().to(self.ens.mix_device)
 

@@ -275,14 +275,19 @@ class Ensemble:
             r, j, n = pairs[sel, 0], pairs[sel, 1], need[sel]
             T = int(n.max())
             with torch.no_grad():
-                h = st.forward(inputs[r, :T], j, torch.zeros_like(n), n)  # (P, T, d)
-                for e in torch.unique(j).tolist():
-                    rows = (j == e).nonzero().flatten()
-                    valid = torch.arange(T)[None, :] < n[rows, None]  # (p, T)
-                    hv = h[rows.to(h.device)][valid.to(h.device)]
-                    out = linear_target_logprobs(hv, st.head[e].T, targets[r[rows], :T][valid].to(hv.device)).float().cpu()
-                    lp[e, r[rows][:, None].expand_as(valid)[valid], torch.arange(T).expand_as(valid)[valid]] = out
-                    self.expert_calls[e] += len(rows)
+                h = st.forward(inputs[r, :T], j, torch.zeros_like(n), n)  # (sum n, d), pair by pair
+                valid = torch.arange(T)[None, :] < n[:, None]  # (P, T)
+                tgt = targets[r, :T][valid]
+                rows = r[:, None].expand_as(valid)[valid]
+                cols = torch.arange(T).expand_as(valid)[valid]
+                per_expert = torch.bincount(j.repeat_interleave(n), minlength=self.n_experts).tolist()
+                a = 0
+                for e, m in enumerate(per_expert):
+                    if m:
+                        out = linear_target_logprobs(h[a:a + m], st.head[e].T, tgt[a:a + m].to(h.device))
+                        lp[e, rows[a:a + m], cols[a:a + m]] = out.float().cpu()
+                        self.expert_calls[e] += int((j == e).sum())
+                        a += m
 
     def _posterior_logw(self, lp: torch.Tensor, rows: list, n_texts: int) -> torch.Tensor:
         """BTM posterior weights before each token: log prior + log-likelihood of the earlier

@@ -60,6 +60,16 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
             and (x.device.type, x.dtype) not in _GROUPED_MM_FAILED)
 
 
+def _pad(x: torch.Tensor, vp: torch.Tensor, vt: torch.Tensor, P: int, T: int, padded: bool) -> torch.Tensor:
+    """Packed rows x (N, H, hd) laid out per segment (P, H, T, hd), zeros where a segment is shorter."""
+    if padded:
+        out = x.new_zeros(P, T, *x.shape[1:])
+        out[vp, vt] = x
+    else:
+        out = x.view(P, T, *x.shape[1:])
+    return out.transpose(1, 2)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -210,9 +220,8 @@ class StackedExperts:
         k = len(models)
         with torch.no_grad():
             h = stacked.forward(probe.expand(k, -1), torch.arange(k, device=probe.device),
-                                torch.zeros(k, dtype=torch.long), torch.full((k,), CHECK_TOKENS))
-            got = stacked.logits(h.reshape(k * CHECK_TOKENS, -1),
-                                 [CHECK_TOKENS] * k).float().reshape(k, CHECK_TOKENS, -1)
+                                torch.zeros(k, dtype=torch.long), torch.full((k,), CHECK_TOKENS))  # (k * n, d)
+            got = stacked.logits(h, [CHECK_TOKENS] * k).float().reshape(k, CHECK_TOKENS, -1)
         worst = max(float((g - w).abs().max()) for g, w in zip(got, want))
         if not worst <= tol:
             warnings.warn(f"stacked experts differ from their own forward by {worst:.3g} (> {tol:g}): "
@@ -223,64 +232,71 @@ class StackedExperts:
     # ---- forward --------------------------------------------------------------------------------
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of x (P, T, d) with each row's expert weights w (P, d), as transformers computes it."""
+        """RMSNorm of x (N, d) with each row's expert weights w (N, d), as transformers computes it."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w[:, None, :] * x.to(dtype)
+        return w * x.to(dtype)
 
     def forward(self, ids: torch.Tensor, experts: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states (P, T, d) of P segments: segment p feeds ``ids[p, :lengths[p]]`` (the rest
-        is padding) to expert ``experts[p]`` at window positions ``starts[p]...``. ``experts`` must be
+        """Final hidden states (N, d) of P segments, packed: segment p feeds ``ids[p, :lengths[p]]`` (the
+        rest of the row is padding) to expert ``experts[p]`` at window positions ``starts[p]...``, and
+        its ``lengths[p]`` rows follow those of segment p - 1 (N = lengths.sum()). ``experts`` must be
         sorted. With ``slots`` (P,), segment p continues the cache in KV slot ``slots[p]`` (which holds
         its first ``starts[p]`` positions) and extends it; without, every segment starts at 0 with no
-        cache."""
+        cache. The linear layers see only the N real tokens; attention pads the segments to T."""
         P, T = ids.shape
         dev = self.device
         ids, experts = ids.to(dev), experts.to(dev)
         starts, lengths = starts.to(dev), lengths.to(dev)
-        counts = torch.bincount(experts, minlength=self.n_experts) * T  # rows per expert
+        valid = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # (P, T)
+        vp, vt = valid.nonzero(as_tuple=True)  # (N,) segment-major: rows grouped by expert
+        N = len(vp)
+        tok_expert = experts[vp]
+        counts = torch.bincount(tok_expert, minlength=self.n_experts)  # rows per expert
         offs = torch.cumsum(counts, 0).to(torch.int32)
         counts = counts.tolist()
-        positions = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
-        x = self.embed[experts[:, None], :, ids] if self.tied else self.embed[experts[:, None], ids]  # (P, T, d)
-        cos, sin = self._rope(x, positions)  # (P, T, hd)
+        positions = starts[vp] + vt  # (N,)
+        tokens = ids[vp, vt]
+        x = self.embed[tok_expert, :, tokens] if self.tied else self.embed[tok_expert, tokens]  # (N, d)
+        cos, sin = self._rope(x, positions)  # (N, hd)
         cos, sin = cos[:, None], sin[:, None]
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
+        padded = N != P * T
         if slots is not None:
             slots = slots.to(dev)
             end = int((starts + lengths).max())
             self.pool.reserve(end)
-            valid = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # (P, T)
-            vp, vt = valid.nonzero(as_tuple=True)
-            keys = torch.arange(end, device=dev)
-            mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (P, 1, T, end)
+            query_pos = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
+            mask = torch.arange(end, device=dev)[None, None, None, :] <= query_pos[:, None, :, None]  # (P, 1, T, end)
         for i, layer in enumerate(self.layers):
-            h = self._norm(x, layer["ln1"][experts]).reshape(P * T, -1)
+            h = self._norm(x, layer["ln1"][tok_expert])
             qkv = grouped_linear(h, layer["qkv"], counts, layer["qkv_b"], offs)
             q, k, v = qkv.split([hq * hd, hk * hd, hk * hd], dim=-1)
-            q = q.view(P, T, hq, hd).transpose(1, 2)  # (P, Hq, T, hd)
-            k = k.view(P, T, hk, hd).transpose(1, 2)
-            v = v.view(P, T, hk, hd).transpose(1, 2)
+            q = q.view(N, hq, hd)
+            k = k.view(N, hk, hd)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            if slots is None:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
-                                                   enable_gqa=hk != hq)
-            else:
+            v = v.view(N, hk, hd)
+            if slots is not None:
                 pk, pv = self.pool.k[i], self.pool.v[i]
-                pk[slots[vp], :, positions[vp, vt]] = k[vp, :, vt]
-                pv[slots[vp], :, positions[vp, vt]] = v[vp, :, vt]
-                a = F.scaled_dot_product_attention(q, pk[:, :, :end].index_select(0, slots),
-                                                   pv[:, :, :end].index_select(0, slots), attn_mask=mask,
-                                                   scale=self.scaling, enable_gqa=hk != hq)
-            a = a.transpose(1, 2).reshape(P * T, hq * hd)
-            x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs).view(P, T, -1)
-            h = self._norm(x, layer["ln2"][experts]).reshape(P * T, -1)
+                pk[slots[vp], :, positions] = k
+                pv[slots[vp], :, positions] = v
+                keys, values = pk[:, :, :end].index_select(0, slots), pv[:, :, :end].index_select(0, slots)
+            qp = _pad(q, vp, vt, P, T, padded)  # (P, Hq, T, hd)
+            if slots is None:
+                a = F.scaled_dot_product_attention(qp, _pad(k, vp, vt, P, T, padded), _pad(v, vp, vt, P, T, padded),
+                                                   is_causal=True, scale=self.scaling, enable_gqa=hk != hq)
+            else:
+                a = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=self.scaling,
+                                                   enable_gqa=hk != hq)
+            a = a.transpose(1, 2)[vp, vt] if padded else a.transpose(1, 2).reshape(N, hq, hd)
+            x = x + grouped_linear(a.reshape(N, hq * hd), layer["o"], counts, layer["o_b"], offs)
+            h = self._norm(x, layer["ln2"][tok_expert])
             gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
-            x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs).view(P, T, -1)
-        return self._norm(x, self.norm[experts])
+            x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs)
+        return self._norm(x, self.norm[tok_expert])
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (P, T, hd) at the positions: the experts' own rotary module, its values for
