@@ -20,3 +20,5 @@ MODEL_SIZE = "tiny"        # named model config of fresh experts
 EVAL_BATCH = 32            # texts scored at once by an ensemble
 EVAL_CHUNK_TOKENS = 8192   # padded positions per expert forward pass when scoring
 BASELINES = ("random", "unbalanced", "gold")  # the demo's baselines: random equal / unbalanced k-means / gold labels
+MAX_DOCUMENT_BYTES = 64 << 20  # longest line (document) a corpus reader takes: a longer one is an error naming
+                               # file and line, read in bounded memory
