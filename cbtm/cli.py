@@ -227,7 +227,7 @@ def _settings(a) -> dict:
 
 
 def _train(a) -> None:
-    from .training import TrainingFailed, train_dense, train_experts
+    from .training import NonFiniteLoss, TrainingFailed, train_dense, train_experts
 
     kwargs = dict(model_size=a.model_size, seed_model=a.seed_model, seed_tokens=a.seed_tokens,
                   experts=_int_list(a.experts) if a.experts else None, backend=a.backend, parallel=a.parallel,
@@ -255,14 +255,14 @@ def _train(a) -> None:
             if a.like or a.corpus:
                 raise ValueError("--like and corpus paths are for --dense; clustered runs use their own corpus")
             train_experts(a.run, a.total_tokens, **kwargs)
-    except TrainingFailed as e:
+    except (TrainingFailed, NonFiniteLoss) as e:
         raise SystemExit(f"cbtm: error: {e}") from None
 
 
 def _branch(a) -> None:
     from .branch import branch_from_mixture, default_sources
     from .router import mixture_weights
-    from .training import TrainingFailed
+    from .training import NonFiniteLoss, TrainingFailed
 
     expert = a.cluster if a.expert is None else a.expert
     sources = default_sources(a.run, expert) if a.from_mixture == "all" else _int_list(a.from_mixture)
@@ -275,7 +275,7 @@ def _branch(a) -> None:
                                     temperature=a.temperature if method == "router" else None, expert=expert,
                                     tokens=a.tokens, train=not a.no_train, device=a.device, threads=a.threads,
                                     restart=a.restart, progress=not a.quiet, **_settings(a))
-    except TrainingFailed as e:
+    except (TrainingFailed, NonFiniteLoss) as e:
         raise SystemExit(f"cbtm: error: {e}") from None
     if not a.quiet:
         mix = ", ".join(f"{s}:{w:.3f}" for s, w in zip(entry["mixture"]["sources"], entry["mixture"]["weights"]))
