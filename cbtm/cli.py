@@ -114,12 +114,14 @@ def _cluster_fit(a):
 
 def _cluster_assign(a):
     from . import cluster
+    from .rundir import RunDir
     from .router import fit_prefix_router
 
-    cluster.assign(a.corpus or None, a.run, balanced=not a.nearest, backend=a.backend, workers=a.workers,
-                   ray_address=a.ray_address, write_docs=a.write_docs, label_field=a.label_field)
-    cluster.report(a.run, label_field=a.label_field)
-    fit_prefix_router(a.run, progress=True)
+    with RunDir(a.run).lock("cluster assign"):  # the three steps as one writer
+        cluster.assign(a.corpus or None, a.run, balanced=not a.nearest, backend=a.backend, workers=a.workers,
+                       ray_address=a.ray_address, write_docs=a.write_docs, label_field=a.label_field, force=a.force)
+        cluster.report(a.run, label_field=a.label_field)
+        fit_prefix_router(a.run, progress=True)
 
 
 def _cluster_fit_prefix(a):
@@ -172,6 +174,8 @@ def _add_cluster(sub) -> None:
     s.add_argument("--ray-address", default=None, help="address of an existing Ray cluster")
     s.add_argument("--write-docs", action="store_true", help="also write the documents split per cluster")
     s.add_argument("--label-field", default=None, help="metadata field with gold labels (report purity / NMI)")
+    s.add_argument("--force", action="store_true",
+                   help="reassign a run that has trained experts (drops them from its manifest)")
     s.set_defaults(fn=_cluster_assign)
 
     p = csub.add_parser("fit-prefix", help="fit the run's prefix router on its assignments (`assign` does this "

@@ -12,7 +12,7 @@ import numpy as np
 from . import defaults, models
 from .branch import average_experts, normalise_weights
 from .cluster import load_router
-from .rundir import RunDir, atomic_write_json, replace_dir
+from .rundir import RunDir, atomic_write_json, holds_lock, replace_dir
 from .tokens import load_tokenizer
 
 
@@ -24,6 +24,7 @@ def trained_entries(run) -> list[dict]:
     return entries
 
 
+@holds_lock("merge average", "out", output=True)
 def average(run, out, weights: str | Sequence[float] = "uniform") -> Path:
     """The parameter average of a run's experts, saved as one Hugging Face model (with the run's
     tokenizer) in the new or empty directory ``out`` (or a previous average). weights: "uniform",
@@ -58,6 +59,7 @@ def average(run, out, weights: str | Sequence[float] = "uniform") -> Path:
     return replace_dir(out, save, "model")
 
 
+@holds_lock("merge add")
 def add_expert(run, expert_dir, centre_texts: Sequence[str]) -> int:
     """Add a trained expert (a save_pretrained directory sharing the run's tokenizer), copied into the
     run, with a new router centre: the mean embedding of ``centre_texts`` (documents of its
@@ -82,6 +84,7 @@ def add_expert(run, expert_dir, centre_texts: Sequence[str]) -> int:
     return new_id
 
 
+@holds_lock("merge remove")
 def remove_expert(run, expert_id: int) -> None:
     """Drop an expert from the ensemble (its directory and router centre are kept, unused)."""
     run = RunDir.of(run)

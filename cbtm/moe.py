@@ -31,7 +31,7 @@ import torch
 from . import assignments, models, tokens
 from .branch import average_experts, normalise_weights
 from .experts import trained_entries
-from .rundir import RunDir, expert_name, replace_dir
+from .rundir import RunDir, expert_name, holds_lock, replace_dir
 from .training import TrainConfig, make_config
 from .training.job import job_log, make_spec, same_training
 from .training.launch import run_recorded
@@ -173,6 +173,7 @@ def active_params(moe) -> int:
     return models.num_params(moe) - (c.num_local_experts - c.num_experts_per_tok) * per_expert
 
 
+@holds_lock("merge export-moe", "to", output=True)
 def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weights: str = "sizes",
                gate_docs: int = GATE_DOCS, seed: int = 0, progress: bool = True) -> Path:
     """Merge the trained experts of ``run`` into a Mixtral model and write the MoE run ``to`` (a new
@@ -232,6 +233,7 @@ def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weight
     return RunDir(to).expert_dir(0)
 
 
+@holds_lock("train --moe", "out")
 def train_moe(moe_run, out, total_tokens: int, *, router_only: bool = False,
               aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF, device: str | None = None, threads: int | None = None,
               restart: bool = False, progress: bool = True, callback: Callable[[dict], None] | None = None,

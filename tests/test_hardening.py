@@ -99,9 +99,9 @@ pytest.importorskip("transformers")
 
 from test_train import FAST, base_run, fresh, trained  # noqa: E402,F401 (fixtures)
 
-from cbtm import training  # noqa: E402
+from cbtm import cluster, models, training  # noqa: E402
 from cbtm.cli import main  # noqa: E402
-from cbtm.rundir import RunDir  # noqa: E402
+from cbtm.rundir import RunDir, RunLocked  # noqa: E402
 
 
 def _train_cli(run, *flags):
@@ -181,3 +181,150 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(base_run, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write a checkpoint" in err and "No space left on device" in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# one writer per run
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """``holder(path, output=False)``: another process holding the write lock of a run directory
+    (or of an output directory); returns its PID. Killed at the end of the test."""
+    import subprocess
+    import sys
+
+    procs = []
+
+    def hold(path, output=False):
+        take = "output_lock(p, 'merge average')" if output else "RunDir(p).lock('train')"
+        code = (f"import sys, time\nfrom pathlib import Path\nfrom cbtm.rundir import RunDir, output_lock\n"
+                f"p = Path(sys.argv[1])\nwith {take}:\n    print('held', flush=True)\n    time.sleep(120)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_writer_is_refused_naming_the_holder(trained, tmp_path, holder):
+    src, _ = trained
+    run = fresh(src, tmp_path)
+    proc = holder(run)
+    pid = f"pid {proc.pid}, train"
+    with pytest.raises(RunLocked, match=f"run directory {run} is being written by another cbtm process \\({pid}\\)"):
+        cluster.assign(None, run, workers=1, progress=False)
+    with pytest.raises(RunLocked, match=pid):
+        training.train_experts(run, 3001, vocab_size=512, **FAST)
+    with pytest.raises(RunLocked, match=pid):
+        cluster.fit(None, run, k=2, force=True, progress=False)
+    assert main(["merge", "remove", "--run", str(run), "--expert", "1"]) == 2
+    assert RunDir(run).manifest()["experts"][1]["status"] == "done"
+    proc.kill()  # a killed holder releases its lock
+    proc.wait()
+    training.train_experts(run, 3001, vocab_size=512, **FAST)  # resumes: nothing to do
+    assert not (run / ".cbtm-lock").exists()
+
+
+def test_two_averages_into_one_directory_do_not_replace_each_other(trained, tmp_path, holder):
+    from cbtm import experts
+
+    run, _ = trained
+    to = tmp_path / "avg"
+    proc = holder(to, output=True)
+    with pytest.raises(RunLocked, match=f"{to} is being written by another cbtm process \\(pid {proc.pid}"):
+        experts.average(run, to)
+    assert not to.exists()
+
+
+def test_the_run_lock_is_re_entrant_and_worker_pools_train_under_it(base_run, tmp_path):
+    run = fresh(base_run, tmp_path)
+    with RunDir(run).lock("test"):
+        with RunDir(run).lock("nested"):
+            assert (run / ".cbtm-lock").read_text().startswith(f"{os.getpid()}, test")
+        summary = training.train_experts(run, 1024, parallel=2, vocab_size=512, **FAST)
+    assert [e["status"] for e in summary["experts"]] == ["done", "done"]
+    assert not (run / ".cbtm-lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# reassigning a trained run
+
+
+def test_assign_nearest_on_a_trained_run_needs_force(trained, tmp_path):
+    src, _ = trained
+    run = fresh(src, tmp_path)
+    before = {f.name: f.read_bytes() for f in (run / "assignments").iterdir() if f.is_file()}
+    with pytest.raises(ValueError, match="experts trained on its current assignments.*--force"):
+        cluster.assign(None, run, balanced=False, workers=1, progress=False)
+    assert main(["cluster", "assign", "--run", str(run), "--nearest"]) == 2
+    assert {f.name: f.read_bytes() for f in (run / "assignments").iterdir() if f.is_file()} == before
+    assert [e["status"] for e in RunDir(run).expert_entries()] == ["done", "done"]
+    cluster.assign(None, run, workers=1, progress=False)  # the same assignment again: nothing changes, allowed
+    cluster.assign(None, run, balanced=False, workers=1, force=True, progress=False)
+    m = RunDir(run).manifest()
+    assert "experts" not in m and "train" not in m and m["assignments"]["balanced"] is False
+    assert (run / "experts" / "expert_000" / "config.json").is_file()  # files are kept
+
+
+# ------------------------------------------------------------------------------------------------
+# links and the manifest
+
+
+def test_links_leading_outside_the_run_are_refused(trained, base_run, tmp_path):
+    import shutil
+
+    from cbtm.ensemble import Ensemble
+    from cbtm.router import Router
+    from cbtm.rundir import ManifestError
+
+    src, _ = trained
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = fresh(src, tmp_path)
+    km = run / "router" / "kmeans.safetensors"
+    shutil.move(km, outside / km.name)
+    km.symlink_to(outside / km.name)
+    with pytest.raises(ManifestError, match="kmeans.safetensors is a link leading outside the run directory"):
+        Router.load(run)
+    with pytest.raises(ManifestError, match="link leading outside"):
+        cluster.load_router(run)
+
+    run = fresh(src, tmp_path, "run2")
+    shutil.move(run / "tokenizer", outside / "tokenizer")
+    (run / "tokenizer").symlink_to(outside / "tokenizer")
+    with pytest.raises(ManifestError, match="tokenizer is a link leading outside"):
+        Ensemble.load(run)
+
+    class Killed(BaseException):
+        pass
+
+    def kill(info):
+        if info["step"] == 5:
+            raise Killed
+
+    run = fresh(base_run, tmp_path, "run3")
+    with pytest.raises(Killed):
+        training.train_experts(run, 4096, experts=[0], vocab_size=512, callback=kill, **FAST)
+    step = training.list_checkpoints(run / "checkpoints" / "expert_000")[-1]
+    shutil.move(step, outside / step.name)
+    step.symlink_to(outside / step.name)
+    with pytest.raises(ManifestError, match=f"{step.name} is a link leading outside"):
+        training.train_experts(run, 4096, experts=[0], vocab_size=512, **FAST)
+
+
+@pytest.mark.parametrize("seq_len", ["abc", 0, -3, 2.5, True])
+def test_a_manifest_seq_len_must_be_a_positive_integer(trained, tmp_path, seq_len):
+    from cbtm.rundir import ManifestError
+
+    src, _ = trained
+    run = fresh(src, tmp_path)
+    m = json.loads((run / "cbtm.json").read_text())
+    m["train"]["config"]["seq_len"] = seq_len
+    (run / "cbtm.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="train.config.seq_len must be a positive integer"):
+        RunDir(run).manifest()

@@ -42,7 +42,7 @@ def _step_rows(step: int, budget: int, tokens_per_step: int, seq_len: int) -> li
 
 def _resolve(run: RunDir, path: str) -> Path:
     p = Path(path)
-    return p if p.is_absolute() else run.path / p
+    return p if p.is_absolute() else run.inside(run.path / p, entries=True)
 
 
 def _init_fingerprint(run: RunDir, init: dict) -> str:
@@ -145,7 +145,7 @@ def _run_job(run: RunDir, spec: dict, device, progress: bool, callback, position
              "fingerprint": fp, "started": now()}
     ckpts = list_checkpoints(ckpt_root)
     if ckpts:
-        state = load_checkpoint(ckpts[-1], trainer, fp)
+        state = load_checkpoint(run.inside(ckpts[-1], entries=True), trainer, fp)
         _check_counters(state, ckpts[-1], n_steps, budget)
     resumed_from = state["step"]
     log = {"name": name, "expert": spec["expert"], "clusters": spec["clusters"], "status": "running",
