@@ -12,7 +12,7 @@ import numpy as np
 from . import defaults, models
 from .branch import average_experts, normalise_weights
 from .cluster import load_router
-from .rundir import RunDir, atomic_write_json, holds_lock, replace_dir
+from .rundir import RunDir, atomic_write_json, check_replaceable, holds_lock, replace_dir
 from .tokens import load_tokenizer
 
 
@@ -34,13 +34,13 @@ def average(run, out, weights: str | Sequence[float] = "uniform") -> Path:
     if run.contains(out) or out.resolve() in run.path.resolve().parents:
         raise ValueError(f"--to {out} is inside (or contains) the run directory {run.path} that is read: "
                          "write the averaged model somewhere else")
+    check_replaceable(out, "model")
     entries = trained_entries(run)
     if isinstance(weights, str):
         if weights == "uniform":
             w = None
         elif weights == "sizes":
-            sizes = run.section("assignments").get("train_sizes") or []
-            w = [sizes[e.get("cluster", e["id"])] if e.get("cluster", e["id"]) < len(sizes) else 0 for e in entries]
+            w = cluster_sizes(run, [e.get("cluster", e["id"]) for e in entries])
         else:
             raise ValueError(f"weights must be 'uniform', 'sizes' or a list of numbers, got {weights!r}")
     else:
@@ -57,6 +57,17 @@ def average(run, out, weights: str | Sequence[float] = "uniform") -> Path:
                                                            "experts": [e["id"] for e in entries]})
 
     return replace_dir(out, save, "model")
+
+
+def cluster_sizes(run: RunDir, clusters: Sequence[int]) -> list[int]:
+    """The training documents of each of ``clusters`` (``assignments.train_sizes``); a cluster it
+    does not list (an expert added by `merge add`) is a ValueError, not a weight of 0."""
+    sizes = run.section("assignments").get("train_sizes") or []
+    missing = [c for c in clusters if not 0 <= c < len(sizes)]
+    if missing:
+        raise ValueError(f"{run.manifest_path}: assignments.train_sizes lists {len(sizes)} clusters, not the clusters "
+                         f"{missing} of the experts (added by `merge add`?): weight them uniformly or give the weights")
+    return [sizes[c] for c in clusters]
 
 
 @holds_lock("merge add")
@@ -80,7 +91,7 @@ def add_expert(run, expert_dir, centre_texts: Sequence[str]) -> int:
     km = km.with_center(centre, count=len(centre_texts))
     km.save(run.router)
     run.update_experts({new_id: {"cluster": km.n_clusters - 1, "path": f"experts/{dst.name}", "status": "done",
-                                 "added_from": str(expert_dir), "sha256": models.weights_digest(dst)}})
+                                 "added_from": str(expert_dir), "sha256": models.model_digest(dst)}})
     return new_id
 
 

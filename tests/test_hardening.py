@@ -272,7 +272,96 @@ def test_assign_nearest_on_a_trained_run_needs_force(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# links and the manifest
+# tamper-proof run directories
+
+
+def _edit_json(path, **fields):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def _legacy(run):
+    """The manifest of an older cbtm: each expert's sha256 covers its weights only."""
+    m = json.loads((run / "cbtm.json").read_text())
+    for e in m["experts"]:
+        e["sha256"] = models.weights_digest(run / e["path"])
+    (run / "cbtm.json").write_text(json.dumps(m))
+
+
+def test_an_edited_expert_config_is_refused(trained, tmp_path):
+    from cbtm.ensemble import Ensemble
+
+    src, _ = trained
+    run = fresh(src, tmp_path)
+    expert = run / "experts" / "expert_000"
+    sha = RunDir(run).expert_entries()[0]["sha256"]
+    models.load_model(expert, sha256=sha)  # untouched: loads
+    _edit_json(expert / "config.json", rms_norm_eps=0.5)  # same shapes, other model: only the digest sees it
+    with pytest.raises(ValueError, match="weights or config.json.*do not match the checksum"):
+        models.load_model(expert, sha256=sha)
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        Ensemble.load(run, top_k=None).score(["In the beginning God created the heaven and the earth."])
+
+
+@pytest.mark.parametrize("edit, error", [
+    ({"num_hidden_layers": 1}, "describes a model of [0-9,]+ parameters but its weights hold"),
+    ({"num_hidden_layers": 0}, "describes a model of [0-9,]+ parameters but its weights hold"),
+    ({"num_hidden_layers": 10**6}, "describes a model of [0-9,]+ parameters but its weights hold"),
+    ({"model_type": "bert"}, "parameters but its weights hold|cannot build a causal LM"),
+    ({"num_attention_heads": 0}, "config.json: ZeroDivisionError"),
+])
+def test_a_config_that_does_not_describe_the_weights_is_refused_before_allocating(trained, tmp_path, edit, error):
+    """Also in runs whose manifest recorded only the weights' digest (older cbtm)."""
+    src, _ = trained
+    run = fresh(src, tmp_path)
+    _legacy(run)
+    expert = run / "experts" / "expert_000"
+    sha = RunDir(run).expert_entries()[0]["sha256"]
+    models.load_model(expert, sha256=sha)  # an older manifest's digest is still accepted
+    _edit_json(expert / "config.json", **edit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=error):
+            models.load_model(expert, sha256=sha)
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_weights_that_do_not_fit_the_config_are_an_error_naming_them(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src, _ = trained
+    expert = tmp_path / "expert"
+    import shutil
+
+    shutil.copytree(src / "experts" / "expert_000", expert)
+    t = load_file(str(expert / "model.safetensors"))
+    t["model.final_norm.weight"] = t.pop("model.norm.weight")  # same count, another name
+    save_file(t, str(expert / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"the weights in {expert} do not fit .*config.json: missing keys "
+                                         r"\['model.norm.weight'\]; unexpected keys \['model.final_norm.weight'\]"):
+        models.load_model(expert)
+
+
+def test_an_edited_or_garbage_tokenizer_is_named(trained, tmp_path):
+    import shutil
+
+    from cbtm import tokens
+
+    src, _ = trained
+    run = fresh(src, tmp_path)
+    tokens.load_tokenizer(RunDir(run).tokenizer)
+    vocab = json.loads((run / "tokenizer" / "tokenizer.json").read_text())
+    vocab["model"]["vocab"] = {k: (1 - v if v < 2 else v) for k, v in vocab["model"]["vocab"].items()}  # swap 2 ids
+    (run / "tokenizer" / "tokenizer.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match=f"tokenizer files in {run / 'tokenizer'} do not match the fingerprint"):
+        tokens.load_tokenizer(RunDir(run).tokenizer)
+    loose = tmp_path / "tok"
+    shutil.copytree(src / "tokenizer", loose)
+    for garbage in (b"\xff\xfe\x00garbage", b'{"model": {"type": "BPE", "vocab": 3}}'):
+        (loose / "tokenizer.json").write_bytes(garbage)
+        with pytest.raises(ValueError, match=f"cannot read the tokenizer in {loose}: "):
+            tokens.load_tokenizer(loose)
 
 
 def test_links_leading_outside_the_run_are_refused(trained, base_run, tmp_path):
@@ -317,6 +406,26 @@ def test_links_leading_outside_the_run_are_refused(trained, base_run, tmp_path):
         training.train_experts(run, 4096, experts=[0], vocab_size=512, **FAST)
 
 
+def test_nan_in_the_router_or_embedder_is_named_at_load(trained, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from cbtm.router import Router
+
+    src, _ = trained
+    for name, array in (("kmeans", "cluster_centers"), ("embedder", "components")):
+        run = fresh(src, tmp_path, name)
+        path = run / "router" / f"{name}.safetensors"
+        t = load_file(str(path))
+        t[array][0, 0] = np.nan
+        save_file(t, str(path))
+        with pytest.raises(ValueError, match=f"{path}: .*NaN or Inf"):
+            Router.load(run)
+
+
+# ------------------------------------------------------------------------------------------------
+# smaller silent cases
+
+
 @pytest.mark.parametrize("seq_len", ["abc", 0, -3, 2.5, True])
 def test_a_manifest_seq_len_must_be_a_positive_integer(trained, tmp_path, seq_len):
     from cbtm.rundir import ManifestError
@@ -328,3 +437,53 @@ def test_a_manifest_seq_len_must_be_a_positive_integer(trained, tmp_path, seq_le
     (run / "cbtm.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="train.config.seq_len must be a positive integer"):
         RunDir(run).manifest()
+
+
+def test_size_weights_need_a_size_for_every_expert(trained, tmp_path):
+    from cbtm import experts, moe
+
+    src, _ = trained
+    run = fresh(src, tmp_path)
+    m = json.loads((run / "cbtm.json").read_text())
+    m["assignments"]["train_sizes"] = m["assignments"]["train_sizes"][:1]
+    (run / "cbtm.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"train_sizes lists 1 clusters, not the clusters \[1\]"):
+        experts.average(run, tmp_path / "avg", "sizes")
+    with pytest.raises(ValueError, match=r"train_sizes lists 1 clusters"):
+        moe.export_moe(run, tmp_path / "moe", progress=False)
+    assert not (tmp_path / "avg").exists() and not (tmp_path / "moe").exists()
+
+
+def test_export_moe_checks_its_output_before_working(trained, tmp_path, monkeypatch):
+    from cbtm import moe
+
+    src, _ = trained
+    to = tmp_path / "taken"
+    to.mkdir()
+    (to / "notes.txt").write_text("mine")
+
+    def never(*args, **kwargs):
+        raise AssertionError("averaged the experts before checking --to")
+
+    monkeypatch.setattr(moe, "average_experts", never)
+    with pytest.raises(FileExistsError, match=f"refusing to replace {to}"):
+        moe.export_moe(src, to, progress=False)
+    assert (to / "notes.txt").read_text() == "mine"
+
+
+def test_eval_prints_its_table_before_an_unwritable_report(trained, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from cbtm import evaluate
+
+    src, _ = trained
+
+    def read_only(path, obj):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(evaluate, "atomic_write_json", read_only)
+    assert main(["eval", f"k2={src}", "--max-docs", "2", "--top-k", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "| k2 |" in out
+    assert f"cannot write the evaluation report to {src / 'reports' / 'eval.json'}: Permission denied" in err
+    assert "--out" in err and "Traceback" not in err
