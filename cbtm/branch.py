@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import models
-from .rundir import RunDir, expert_name
+from .rundir import RunDir, expert_name, holds_lock
 from .tokens import ensure_token_cache
 from .training import TrainConfig, make_config
 from .training.job import job_log, make_spec, same_training
@@ -98,6 +98,7 @@ def default_sources(run, expert: int) -> list[int]:
     return [e["id"] for e in RunDir.of(run).expert_entries(done_only=True) if e["id"] != int(expert)]
 
 
+@holds_lock("branch")
 def branch_from_mixture(run, cluster: int, weights: Sequence[float] | None = None, *,
                         sources: Sequence[int] | None = None, method: str = "given",
                         temperature: float | None = None, expert: int | None = None,

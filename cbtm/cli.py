@@ -114,12 +114,14 @@ def _cluster_fit(a):
 
 def _cluster_assign(a):
     from . import cluster
+    from .rundir import RunDir
     from .router import fit_prefix_router
 
-    cluster.assign(a.corpus or None, a.run, balanced=not a.nearest, backend=a.backend, workers=a.workers,
-                   ray_address=a.ray_address, write_docs=a.write_docs, label_field=a.label_field)
-    cluster.report(a.run, label_field=a.label_field)
-    fit_prefix_router(a.run, progress=True)
+    with RunDir(a.run).lock("cluster assign"):  # the three steps as one writer
+        cluster.assign(a.corpus or None, a.run, balanced=not a.nearest, backend=a.backend, workers=a.workers,
+                       ray_address=a.ray_address, write_docs=a.write_docs, label_field=a.label_field, force=a.force)
+        cluster.report(a.run, label_field=a.label_field)
+        fit_prefix_router(a.run, progress=True)
 
 
 def _cluster_fit_prefix(a):
@@ -172,6 +174,8 @@ def _add_cluster(sub) -> None:
     s.add_argument("--ray-address", default=None, help="address of an existing Ray cluster")
     s.add_argument("--write-docs", action="store_true", help="also write the documents split per cluster")
     s.add_argument("--label-field", default=None, help="metadata field with gold labels (report purity / NMI)")
+    s.add_argument("--force", action="store_true",
+                   help="reassign a run that has trained experts (drops them from its manifest)")
     s.set_defaults(fn=_cluster_assign)
 
     p = csub.add_parser("fit-prefix", help="fit the run's prefix router on its assignments (`assign` does this "
@@ -234,7 +238,7 @@ def _settings(a) -> dict:
 
 
 def _train(a) -> None:
-    from .training import TrainingFailed, train_dense, train_experts
+    from .training import NonFiniteLoss, TrainingFailed, train_dense, train_experts
 
     seed = dict(model_size=a.model_size, seed_model=a.seed_model, seed_tokens=a.seed_tokens)  # None: not given
     kwargs = dict(experts=_int_list(a.experts) if a.experts else None, backend=a.backend, parallel=a.parallel,
@@ -262,14 +266,14 @@ def _train(a) -> None:
             if a.like or a.corpus:
                 raise ValueError("--like and corpus paths are for --dense; clustered runs use their own corpus")
             train_experts(a.run, a.total_tokens, **{key: v for key, v in seed.items() if v is not None}, **kwargs)
-    except TrainingFailed as e:
+    except (TrainingFailed, NonFiniteLoss) as e:
         raise SystemExit(f"cbtm: error: {e}") from None
 
 
 def _branch(a) -> None:
     from .branch import branch_from_mixture, default_sources
     from .router import mixture_weights
-    from .training import TrainingFailed
+    from .training import NonFiniteLoss, TrainingFailed
 
     expert = a.cluster if a.expert is None else a.expert
     sources = default_sources(a.run, expert) if a.from_mixture == "all" else _int_list(a.from_mixture)
@@ -282,7 +286,7 @@ def _branch(a) -> None:
                                     temperature=a.temperature if method == "router" else None, expert=expert,
                                     tokens=a.tokens, train=not a.no_train, device=a.device, threads=a.threads,
                                     restart=a.restart, progress=not a.quiet, **_settings(a))
-    except TrainingFailed as e:
+    except (TrainingFailed, NonFiniteLoss) as e:
         raise SystemExit(f"cbtm: error: {e}") from None
     if not a.quiet:
         mix = ", ".join(f"{s}:{w:.3f}" for s, w in zip(entry["mixture"]["sources"], entry["mixture"]["weights"]))

@@ -31,9 +31,10 @@ from .assignments import corpus_paths, read_assignments, read_options
 from .corpus import CorpusReport, check_unique_ids, corpus_root, fingerprint, list_shards, read_documents, split_of
 from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans, capacity
-from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from .rundir import RunDir, atomic_write_json, atomic_write_text, holds_lock, read_json
 
 _BATCH = 4096  # documents embedded and assigned at once
+_CLUSTERS_DEPEND_ON = ("shard", "size", "mtime_ns", "router", "balanced", "root")  # of a shard's state
 
 
 def load_router(run: str | Path | RunDir) -> tuple[TfidfEmbedder, BalancedKMeans]:
@@ -55,6 +56,7 @@ def _router_fingerprint(run: RunDir) -> str:
 # fit
 
 
+@holds_lock("cluster fit", "out")
 def fit(corpus=None, out: str | Path = "run", k: int = 8, *, sample: int = defaults.SAMPLE,
         n_components: int = defaults.N_COMPONENTS, seed: int = defaults.SPLIT_SEED, balanced: bool = True,
         max_size_ratio: float = defaults.MAX_SIZE_RATIO, max_iter: int = defaults.MAX_ITER, text_field: str = "text",
@@ -214,13 +216,16 @@ def _assign_shard(run_path: str, shard: str, opts: dict) -> dict:
     return marker
 
 
+@holds_lock("cluster assign", "out")
 def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backend: str = "local",
            workers: int | None = None, ray_address: str | None = None, write_docs: bool = False,
-           label_field: str | None = None, progress: bool = True) -> dict:
+           label_field: str | None = None, force: bool = False, progress: bool = True) -> dict:
     """Assign every document of every shard to a cluster: balanced (each shard's exact balanced
     assignment under the router's capacity, warm-started from the router's prices) or nearest
     centre. Finished shards (done-marker matching the shard and router) are skipped, so a
-    killed run restarted with the same command resumes and ends with identical output."""
+    killed run restarted with the same command resumes and ends with identical output. Changing
+    the assignments of a run with experts (or a seed) trained on them is refused unless ``force``,
+    which drops those from the manifest (their files stay), as ``fit`` does."""
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
@@ -239,14 +244,24 @@ def assign(corpus=None, out: str | Path = "run", *, balanced: bool = True, backe
         check_unique_ids(paths, **reading)  # fit checked its corpus
     router_fp = _router_fingerprint(run)
     run.assignments.mkdir(parents=True, exist_ok=True)
-    todo, done = [], []
+    todo, done, moved = [], [], 0  # moved: shards whose clusters may change
     for shard in shards:
         state = _shard_state(shard, router_fp, balanced, write_docs, label_field, root)
         marker = run.assignments / f"{shard_key(shard)}.json"
-        if marker.is_file() and all(read_json(marker).get(key) == v for key, v in state.items()):
-            done.append(read_json(marker))
+        old = read_json(marker) if marker.is_file() else {}
+        if all(old.get(key) == v for key, v in state.items()):
+            done.append(old)
         else:
             todo.append((str(shard), state))
+            moved += any(old.get(key) != state[key] for key in _CLUSTERS_DEPEND_ON)
+    trained = [s for s in ("train", "seed", "experts") if manifest.get(s)]
+    if moved and trained:
+        if not force:
+            raise ValueError(f"{run.path} already has {', '.join(trained)} trained on its current assignments: "
+                             "assigning again (e.g. --nearest) would change the clusters they were trained on. "
+                             "Cluster into a new run directory, or pass --force to reassign and drop them from "
+                             "the manifest")
+        run.drop(*trained)
     base = {"balanced": balanced, "write_docs": write_docs, "label_field": label_field, "root": root,
             **reading, "valid_fraction": cfg["valid_fraction"], "seed": cfg["seed"]}
     bar = tqdm(total=len(shards), initial=len(done), desc="assigning shards", unit="shard", disable=not progress)
@@ -311,6 +326,7 @@ def top_terms(embedder: TfidfEmbedder, centers: np.ndarray, n: int = 10) -> list
     return [[vocab[i] for i in np.argsort(-w)[:n]] for w in weights]
 
 
+@holds_lock("cluster report", "out")
 def report(out: str | Path, label_field: str | None = None, n_terms: int = 10, progress: bool = True) -> dict:
     """Cluster sizes, top terms, and (when assignments carry labels) purity, NMI and the
     cluster x label table; written to reports/cluster_report.{md,json} and returned."""

@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ _TEXT_MODES = ("file", "blocks")
 _MAX_EXAMPLES = 20
 _BATCH_ROWS = 1024  # Parquet rows converted to Python at once
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
 
 
 @dataclass
@@ -84,6 +86,26 @@ class CorpusReport:
 
 class DuplicateIdError(ValueError):
     """Two documents of a corpus share an id."""
+
+
+class DocumentTooLarge(ValueError):
+    """A line or document longer than ``defaults.MAX_DOCUMENT_BYTES`` (named by file and line)."""
+
+
+def _too_large(source: str, line: int) -> DocumentTooLarge:
+    limit = defaults.MAX_DOCUMENT_BYTES
+    return DocumentTooLarge(f"{source}:{line}: a document (line) longer than {limit:,} bytes, the limit of one "
+                            "document (cbtm.defaults.MAX_DOCUMENT_BYTES): split it into smaller documents")
+
+
+def _lone_surrogate(obj) -> bool:
+    """Whether a parsed JSON value holds a lone UTF-16 surrogate (``"\\ud800"``): not Unicode text,
+    nothing could write it back as UTF-8."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class _BadShard(Exception):
@@ -187,11 +209,15 @@ class CorpusReader:
             self.report.bad_shard(str(shard), bad.line, bad.error)
 
     def _lines(self, path: Path) -> Iterator[tuple[int, bytes]]:
-        """``(line number, raw line)`` of a file; a read error raises _BadShard."""
-        lineno = 0
+        """``(line number, raw line)`` of a file, never reading more than ``defaults.MAX_DOCUMENT_BYTES``
+        of one line (a longer one raises DocumentTooLarge); a read error raises _BadShard."""
+        limit, lineno = defaults.MAX_DOCUMENT_BYTES, 0
         try:
             with open_binary(path) as fh:
-                for lineno, raw in enumerate(fh, start=1):
+                while raw := fh.readline(limit + 1):
+                    lineno += 1
+                    if len(raw) > limit:
+                        raise _too_large(str(path), lineno)
                     yield lineno, raw
         except read_errors(path) as e:
             raise _BadShard(lineno + 1, e) from e
@@ -223,6 +249,8 @@ class CorpusReader:
             self.report.skip(source, n, f"field {self.text_field!r} is not a string")
         elif not text.strip():
             self.report.skip(source, n, "empty text")
+        elif len(text) > defaults.MAX_DOCUMENT_BYTES:
+            raise _too_large(source, n)
         else:
             doc_id = obj.pop(self.id_field, None)
             return Document(f"{prefix}:{n}" if doc_id is None else str(doc_id), text, obj, source, n)
@@ -231,6 +259,12 @@ class CorpusReader:
     def _read_rows(self, path: Path, prefix: str) -> Iterator[Document]:
         source = str(path)
         for row, obj in self._rows(path):
+            try:  # a binary (bytes) text or id column holds UTF-8 text
+                obj.update({f: bytes(obj[f]).decode("utf-8") for f in (self.text_field, self.id_field)
+                            if isinstance(obj.get(f), (bytes, bytearray))})
+            except UnicodeDecodeError:
+                self.report.skip(source, row, "not UTF-8")
+                continue
             doc = self._record({k: _jsonable(v) for k, v in obj.items()}, source, prefix, row)
             if doc is not None:
                 yield doc
@@ -254,6 +288,9 @@ class CorpusReader:
             if not isinstance(obj, dict):
                 skip(source, lineno, "not a JSON object")
                 continue
+            if _SURROGATE_ESCAPE.search(line) and _lone_surrogate(obj):
+                skip(source, lineno, "lone surrogate (not Unicode text)")
+                continue
             doc = self._record(obj, source, prefix, lineno)
             if doc is not None:
                 yield doc
@@ -265,8 +302,11 @@ class CorpusReader:
         """
         source, blocks = str(path), self.text_mode == "blocks"
         lines: list[str] = []
-        first, bad, index = 1, 0, 0  # bad: first non-UTF-8 line of the current block, 0 if none
+        first, bad, index, size = 1, 0, 0, 0  # bad: first non-UTF-8 line of the current block, 0 if none
         for lineno, raw in self._lines(path):
+            size += len(raw)
+            if size > defaults.MAX_DOCUMENT_BYTES:
+                raise _too_large(source, first)
             try:
                 line = _decode(raw, lineno)
             except UnicodeDecodeError:
@@ -275,7 +315,7 @@ class CorpusReader:
                 if lines:
                     yield from self._text_doc(lines, f"{prefix}:{index}", source, first, bad, strip=True)
                     index += 1
-                lines, bad = [], 0
+                lines, bad, size = [], 0, 0
                 continue
             if not lines:
                 first = lineno

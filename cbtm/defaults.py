@@ -34,3 +34,5 @@ SERVE_GRACE = 30.0         # seconds in-flight requests get to finish after SIGT
 SERVE_TOP_TERMS = 8        # tf-idf terms shown per cluster on the server's page
 SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # dtypes a trained or merged model can be saved in
 SAVE_DTYPE = "auto"        # "auto": the dtype the model's weights came in (a seed checkpoint's, or float32 when fresh)
+MAX_DOCUMENT_BYTES = 64 << 20  # longest line (document) a corpus reader takes: a longer one is an error naming
+                               # file and line, read in bounded memory

@@ -301,6 +301,9 @@ class TfidfEmbedder:
         if idf.shape != (len(vocabulary),) or components.shape != (config["n_components"], len(vocabulary)):
             raise ValueError(f"inconsistent embedder in {directory}: idf {idf.shape}, components "
                              f"{components.shape}, {len(vocabulary)} terms, n_components={config['n_components']}")
+        if not (np.isfinite(idf).all() and np.isfinite(components).all()):
+            raise ValueError(f"{directory / 'embedder.safetensors'}: idf or components hold NaN or Inf (a damaged "
+                             "embedder): fit it again with `cbtm cluster fit`")
         embedder = cls(config["n_components"], config["seed"])
         embedder.sklearn_version = config.get("sklearn_version")
         embedder._set_state(vocabulary, idf, components, config["stop_words"], config["token_pattern"],

@@ -186,14 +186,28 @@ def evaluate(runs: dict, out: str | Path, top_ks=TOP_KS, max_docs: int | None = 
                              "examples": next(iter(acc.values()))["examples"],
                              "accuracy": {n: a["accuracy"] for n, a in acc.items()}}
         report["seconds"] = round(time.perf_counter() - t0, 1)
-    reports = RunDir(out).reports
-    atomic_write_json(reports / "eval.json", report)
     md = eval_markdown(report)
-    atomic_write_text(reports / "eval.md", md)
-    plot(report["perplexity"], reports / "eval.png", report["top_k"])
     if progress:
-        print(md)
+        print(md, flush=True)  # before writing: a report that cannot be written loses no result
+    reports = RunDir(out).reports
+    try:
+        atomic_write_json(reports / "eval.json", report)
+        atomic_write_text(reports / "eval.md", md)
+        plot(report["perplexity"], reports / "eval.png", report["top_k"])
+    except OSError as e:
+        kept = "printed above" if progress else "in this error's .report"
+        raise ReportNotWritten(f"cannot write the evaluation report to {e.filename or reports}: {e.strerror or e} "
+                               f"(the results are {kept}); pass --out DIR to write them to a writable directory",
+                               report) from None
     return report
+
+
+class ReportNotWritten(ValueError):
+    """An evaluation finished but its report could not be written; ``report`` holds the results."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
 
 
 def eval_markdown(report: dict) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 from . import defaults, models
 from .branch import average_experts, normalise_weights
 from .cluster import load_router
-from .rundir import RunDir, atomic_write_json, replace_dir
+from .rundir import RunDir, atomic_write_json, check_replaceable, holds_lock, replace_dir
 from .tokens import load_tokenizer
 
 
@@ -24,6 +24,7 @@ def trained_entries(run) -> list[dict]:
     return entries
 
 
+@holds_lock("merge average", "out", output=True)
 def average(run, out, weights: str | Sequence[float] = "uniform", save_dtype: str = defaults.SAVE_DTYPE) -> Path:
     """The parameter average of a run's experts, saved as one Hugging Face model (with the run's
     tokenizer) in the new or empty directory ``out`` (or a previous average). weights: "uniform",
@@ -34,13 +35,13 @@ def average(run, out, weights: str | Sequence[float] = "uniform", save_dtype: st
     if run.contains(out) or out.resolve() in run.path.resolve().parents:
         raise ValueError(f"--to {out} is inside (or contains) the run directory {run.path} that is read: "
                          "write the averaged model somewhere else")
+    check_replaceable(out, "model")
     entries = trained_entries(run)
     if isinstance(weights, str):
         if weights == "uniform":
             w = None
         elif weights == "sizes":
-            sizes = run.section("assignments").get("train_sizes") or []
-            w = [sizes[e.get("cluster", e["id"])] if e.get("cluster", e["id"]) < len(sizes) else 0 for e in entries]
+            w = cluster_sizes(run, [e.get("cluster", e["id"]) for e in entries])
         else:
             raise ValueError(f"weights must be 'uniform', 'sizes' or a list of numbers, got {weights!r}")
     else:
@@ -60,6 +61,18 @@ def average(run, out, weights: str | Sequence[float] = "uniform", save_dtype: st
     return replace_dir(out, save, "model")
 
 
+def cluster_sizes(run: RunDir, clusters: Sequence[int]) -> list[int]:
+    """The training documents of each of ``clusters`` (``assignments.train_sizes``); a cluster it
+    does not list (an expert added by `merge add`) is a ValueError, not a weight of 0."""
+    sizes = run.section("assignments").get("train_sizes") or []
+    missing = [c for c in clusters if not 0 <= c < len(sizes)]
+    if missing:
+        raise ValueError(f"{run.manifest_path}: assignments.train_sizes lists {len(sizes)} clusters, not the clusters "
+                         f"{missing} of the experts (added by `merge add`?): weight them uniformly or give the weights")
+    return [sizes[c] for c in clusters]
+
+
+@holds_lock("merge add")
 def add_expert(run, expert_dir, centre_texts: Sequence[str]) -> int:
     """Add a trained expert (a save_pretrained directory sharing the run's tokenizer), copied into the
     run, with a new router centre: the mean embedding of ``centre_texts`` (documents of its
@@ -81,10 +94,11 @@ def add_expert(run, expert_dir, centre_texts: Sequence[str]) -> int:
     km = km.with_center(centre, count=len(centre_texts))
     km.save(run.router)
     run.update_experts({new_id: {"cluster": km.n_clusters - 1, "path": f"experts/{dst.name}", "status": "done",
-                                 "added_from": str(expert_dir), "sha256": models.weights_digest(dst)}})
+                                 "added_from": str(expert_dir), "sha256": models.model_digest(dst)}})
     return new_id
 
 
+@holds_lock("merge remove")
 def remove_expert(run, expert_id: int) -> None:
     """Drop an expert from the ensemble (its directory and router centre are kept, unused)."""
     run = RunDir.of(run)

@@ -23,17 +23,23 @@ from lm_eval.api.registry import register_model
 from . import defaults
 from .hf_model import EnsembleForCausalLM
 
+_HARNESS_ARGS = ("max_batch_size",)  # what lm-eval passes to every model besides batch_size and device
+
 
 @register_model("cbtm")
 class CbtmLM(LM):
     """model_args: ``run`` (a trained run directory), ``top_k`` (an integer or ``all``),
     ``temperature`` (the router's T), ``kind`` (cluster / uniform), ``routing`` (auto / prefix /
-    distance), ``device``, ``batch_size``."""
+    distance), ``device``, ``batch_size``; any other key is an error."""
 
     def __init__(self, run: str, top_k: int | str = defaults.TOP_K, temperature: float = defaults.TEMPERATURE,
                  kind: str = "cluster", device: str | None = None, batch_size: int | str | None = 8,
                  routing: str = defaults.ROUTING, **_harness):
         super().__init__()
+        unknown = sorted(set(_harness) - set(_HARNESS_ARGS))
+        if unknown:
+            raise ValueError(f"unknown cbtm model_args {unknown}: expected run, top_k, temperature, kind, routing, "
+                             "device, batch_size")
         top_k = None if str(top_k).lower() == "all" else int(top_k)
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # lm-eval's CLI asks for cuda:0 unless told otherwise
@@ -90,13 +96,19 @@ class CbtmLM(LM):
 
     def generate_until(self, requests) -> list[str]:
         """Continue each context with ``model.generate`` until a stop string, EOS or ``max_gen_toks``;
-        the text before the first stop string."""
+        the text before the first stop string. Empty stop strings are ignored; ``max_gen_toks`` 0
+        gives an empty continuation."""
         out = []
         for context, gen_kwargs in (r.args for r in requests):
             kw = dict(gen_kwargs)
             until = kw.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = [s for s in ([until] if isinstance(until, str) else list(until)) if s]
             max_new = int(kw.pop("max_gen_toks", 256))
+            if max_new < 0:
+                raise ValueError(f"max_gen_toks must be >= 0, got {max_new}")
+            if max_new == 0:
+                out.append("")
+                continue
             if not kw.get("do_sample") or kw.get("temperature") == 0:
                 kw = {k: v for k, v in kw.items() if k not in ("temperature", "top_p", "top_k")}
                 kw["do_sample"] = False

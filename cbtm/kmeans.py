@@ -467,6 +467,10 @@ class BalancedKMeans:
         if model.cluster_centers_.shape != (model.n_clusters, model.n_features_in_):
             raise ValueError(f"{path}: cluster_centers has shape {model.cluster_centers_.shape}, "
                              f"expected ({model.n_clusters}, {model.n_features_in_})")
+        for name in ("cluster_centers", "prices"):
+            if not np.isfinite(t[name]).all():
+                raise ValueError(f"{path / 'kmeans.safetensors'}: {name} holds NaN or Inf (a damaged router): "
+                                 "fit it again with `cbtm cluster fit`")
         return model
 
     def __repr__(self) -> str:

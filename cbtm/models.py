@@ -3,14 +3,18 @@
 Every model is a ``transformers`` causal LM saved with ``save_pretrained`` (config.json +
 model.safetensors). This module is the one place models and configs are read: nothing downloads
 (``local_files_only=True``), no code from a model directory ever runs (``trust_remote_code=False``),
-and only safetensors weights are accepted (no pickle).
+and only safetensors weights are accepted (no pickle). Loading is strict: the config must describe
+exactly the parameters stored (counted from the safetensors headers before anything is allocated),
+and every weight must be used and present.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +29,7 @@ SIZES: dict[str, tuple[int, int, int, int, int, float]] = {
     "medium": (768, 12, 12, 2048, 2048, 6e-4),  # ~85 M + embeddings
 }
 SEED_MODEL_LR = 2e-4  # default peak learning rate when continuing a pretrained seed model
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")  # read with the weights
 
 
 @functools.cache
@@ -102,8 +107,33 @@ def load_config(path: str | Path):
     _check_model_dir(path)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read the model config {path / 'config.json'}: {e}") from None
+    except Exception as e:  # also transformers' validation: ZeroDivisionError for 0 heads, TypeError, ...
+        raise ValueError(f"cannot read the model config {path / 'config.json'}: {type(e).__name__}: {e}") from None
+
+
+def _sha256(files: list[Path], h) -> str:
+    for f in files:
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
+    return files
+
+
+def model_digest(path: str | Path) -> str:
+    """sha256 over what loading a model directory reads (names and bytes): its safetensors weights
+    and ``MODEL_FILES`` (tokenizer files saved beside them are not: a run's tokenizer has its own
+    fingerprint). Run manifests record it for every expert; :func:`load_model` verifies it."""
+    path = Path(path)
+    files = [*_weight_files(path), *(path / name for name in MODEL_FILES if (path / name).is_file())]
+    return _sha256(sorted(files), hashlib.sha256(b"cbtm.model/2\0"))
 
 
 PICKLED = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")  # weight files torch.load would unpickle
@@ -125,12 +155,11 @@ def require_safetensors(path: str | Path) -> None:
 
 
 def weights_digest(path: str | Path) -> str:
-    """sha256 over the directory's safetensors weight files (names and bytes), for integrity checks."""
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
+    """sha256 over the safetensors weight files only (names and bytes): what manifests recorded
+    before :func:`model_digest` covered the config; still accepted, the config then being checked
+    against the weights only."""
     h = hashlib.sha256()
-    for f in files:
+    for f in _weight_files(Path(path)):
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -173,25 +202,90 @@ def save_dtype(name: str, source: str | Path | None = None) -> "torch.dtype":
     return getattr(torch, name)
 
 
+def verify_digest(path: str | Path, sha256: str) -> None:
+    """Raise ValueError unless ``sha256`` is the directory's :func:`model_digest` (or, recorded by
+    an older cbtm, its :func:`weights_digest`)."""
+    if model_digest(path) != sha256 and weights_digest(path) != sha256:
+        raise ValueError(f"the files in {path} (weights or config.json) do not match the checksum recorded in the "
+                         "run's manifest: they are damaged or were edited; retrain the expert (--restart) or restore "
+                         "them")
+
+
+def stored_params(path: str | Path) -> int:
+    """Parameters stored in a directory's safetensors files, from their headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in _weight_files(Path(path)):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                n += sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys())
+        except Exception as e:  # safetensors' own error types
+            raise ValueError(f"{f} is not a readable safetensors file: {type(e).__name__}: {e}") from None
+    return n
+
+
+def config_params(config, where: str | Path) -> int:
+    """Parameters of the model ``config`` describes, counted on the meta device without building it
+    whole: models of 1 and 2 layers give the per-layer count, so a config of 10**6 layers costs
+    nothing. A config transformers cannot build is a ValueError naming ``where``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 0):
+        raise ValueError(f"{where}: num_hidden_layers must be a non-negative integer, got {layers!r}")
+
+    def count(n: int | None) -> int:
+        c = copy.deepcopy(config)
+        if n is not None:
+            c.num_hidden_layers = n
+            if isinstance(getattr(c, "layer_types", None), list):
+                c.layer_types = (c.layer_types * 2)[:n]
+        with torch.device("meta"), quiet():
+            return num_params(AutoModelForCausalLM.from_config(c, trust_remote_code=False))
+
+    try:
+        if layers is None:
+            return count(None)
+        one, two = count(1), count(2)
+    except Exception as e:  # ZeroDivisionError (0 heads), ValueError, KeyError (unknown model_type), ...
+        raise ValueError(f"{where}: transformers cannot build a causal LM from it: {type(e).__name__}: {e}") from None
+    return one + (layers - 1) * (two - one)
+
+
 def load_model(path: str | Path, dtype: "torch.dtype | None" = None, sha256: str | None = None):
     """A local Hugging Face causal LM directory (any architecture transformers itself implements):
     safetensors weights only, no custom code; ``dtype`` default float32; ``sha256``: the expected
-    :func:`weights_digest`."""
+    :func:`model_digest` (see :func:`verify_digest`). The config must describe exactly the stored
+    parameters (checked before anything is allocated) and every weight must load: missing,
+    unexpected or misshapen weights are a ValueError naming the directory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    _check_model_dir(path)
+    if sha256 is not None:
+        verify_digest(path, sha256)
     config = load_config(path)
-    if sha256 is not None and weights_digest(path) != sha256:
-        raise ValueError(f"the weights in {path} do not match the checksum recorded in the run's manifest: "
-                         "the files are damaged or were replaced; retrain the expert (--restart) or restore them")
+    where = path / "config.json"
+    described, stored = config_params(config, where), stored_params(path)
+    if described != stored:
+        raise ValueError(f"{where} describes a model of {described:,} parameters but its weights hold {stored:,}: "
+                         "the config does not belong to these weights")
     kw = {"dtype": torch.float32 if dtype is None else dtype}
     try:
         with quiet():
-            return AutoModelForCausalLM.from_pretrained(str(path), config=config, local_files_only=True,
-                                                        trust_remote_code=False, use_safetensors=True, **kw)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                output_loading_info=True, **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"cannot load a causal LM from {path}: {e}") from None
+    wrong = [f"{kind.replace('_', ' ')} {sorted(map(str, info[kind]))[:3]}"
+             for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+    if wrong:
+        raise ValueError(f"the weights in {path} do not fit {where}: {'; '.join(wrong)}")
+    return model
 
 
 def save(model, out: str | Path) -> Path:

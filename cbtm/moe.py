@@ -30,8 +30,8 @@ import torch
 
 from . import assignments, defaults, models, tokens
 from .branch import average_experts, normalise_weights
-from .experts import trained_entries
-from .rundir import RunDir, expert_name, replace_dir
+from .experts import cluster_sizes, trained_entries
+from .rundir import RunDir, check_replaceable, expert_name, holds_lock, replace_dir
 from .training import TrainConfig, make_config
 from .training.job import job_log, make_spec, same_training
 from .training.launch import run_recorded
@@ -173,6 +173,7 @@ def active_params(moe) -> int:
     return models.num_params(moe) - (c.num_local_experts - c.num_experts_per_tok) * per_expert
 
 
+@holds_lock("merge export-moe", "to", output=True)
 def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weights: str = "sizes",
                gate_docs: int = GATE_DOCS, seed: int = 0, save_dtype: str = defaults.SAVE_DTYPE,
                progress: bool = True) -> Path:
@@ -190,11 +191,10 @@ def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weight
         raise ValueError(f"weights must be 'sizes' or 'uniform', got {weights!r}")
     if int(gate_docs) != gate_docs or gate_docs < 1:
         raise ValueError(f"gate_docs must be a positive integer, got {gate_docs!r}")
+    check_replaceable(to, "moe")  # before minutes of work
     entries = trained_entries(run)
     clusters = [int(e.get("cluster", e["id"])) for e in entries]
-    sizes = run.section("assignments").get("train_sizes") or []
-    w = normalise_weights([sizes[c] if c < len(sizes) else 0 for c in clusters] if weights == "sizes" else None,
-                          len(entries))
+    w = normalise_weights(cluster_sizes(run, clusters) if weights == "sizes" else None, len(entries))
     paths = [run.resolve(e["path"]) for e in entries]
     digests = [e.get("sha256") for e in entries]
     config = _shared_config(paths)
@@ -230,12 +230,13 @@ def export_moe(run, to, experts_per_token: int = 2, gate: str = "hidden", weight
         model_dir = replace_dir(dst.expert_dir(0), write_model, "model")
         dst.update(moe=info)
         dst.set_experts([{"id": 0, "cluster": 0, "path": f"experts/{expert_name(0)}", "status": "done",
-                          "params": info["params"], "sha256": models.weights_digest(model_dir)}])
+                          "params": info["params"], "sha256": models.model_digest(model_dir)}])
 
     replace_dir(to, save, "moe")
     return RunDir(to).expert_dir(0)
 
 
+@holds_lock("train --moe", "out")
 def train_moe(moe_run, out, total_tokens: int, *, router_only: bool = False,
               aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF, device: str | None = None, threads: int | None = None,
               restart: bool = False, progress: bool = True, callback: Callable[[dict], None] | None = None,
@@ -263,10 +264,9 @@ def train_moe(moe_run, out, total_tokens: int, *, router_only: bool = False,
     src = moe_run.resolve(entry["path"])
     if models.load_config(src).model_type != "mixtral":
         raise ValueError(f"{src} is not a Mixtral model: export one with `cbtm merge export-moe`")
-    digest = models.weights_digest(src)
-    if entry.get("sha256") not in (None, digest):
-        raise ValueError(f"the weights in {src} do not match the checksum in {moe_run.manifest_path}: "
-                         "export the MoE again")
+    if entry.get("sha256") is not None:
+        models.verify_digest(src, entry["sha256"])
+    digest = models.model_digest(src)
     cfg = make_config(TrainConfig(lr=models.default_lr(None)), settings)
     out.update(mix={"moe_run": mix["moe_run"]})  # the directory is this MiX run's from now on
     s = assignments.corpus_settings(moe_run)
@@ -274,7 +274,7 @@ def train_moe(moe_run, out, total_tokens: int, *, router_only: bool = False,
                                   **assignments.read_options(s), source=f"MiX of {moe_run.path}")
     if not (out.tokenizer / "tokenizer_config.json").is_file():
         tokens.copy_tokenizer(moe_run, out)
-    if not (out.seed / "config.json").is_file() or models.weights_digest(out.seed) != digest:
+    if not (out.seed / "config.json").is_file() or models.model_digest(out.seed) != digest:
         replace_dir(out.seed, lambda tmp: shutil.copytree(src, tmp), "model")
     tok = tokens.load_tokenizer(out.tokenizer)
     models.check_compatible(models.load_config(out.seed), cfg.seq_len, len(tok))

@@ -25,7 +25,7 @@ from . import defaults
 from .assignments import iter_assigned, iter_documents, read_records
 from .embed import TfidfEmbedder
 from .kmeans import BalancedKMeans
-from .rundir import RunDir, atomic_save_safetensors, atomic_write_json, read_json
+from .rundir import RunDir, atomic_save_safetensors, atomic_write_json, holds_lock, read_json
 
 ROUTINGS = defaults.ROUTINGS
 _SPACE = re.compile(r"\s+")
@@ -262,6 +262,7 @@ def _prefix_examples(run: RunDir, records: dict, max_documents: int, cuts: int, 
     return shared[key]
 
 
+@holds_lock("cluster fit-prefix")
 def _fit_prefix(run: RunDir, max_documents: int, cuts: int, seed: int, progress: bool, shared: dict) -> dict:
     import time
 

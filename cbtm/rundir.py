@@ -17,27 +17,111 @@ run/ cbtm.json                  manifest (format cbtm.run/1): config, k, expert 
 
 :class:`RunDir` is the only writer of the manifest. The manifest is checked against a schema when
 it is read (types of every known field, expert entries, paths that stay inside the run), so a
-damaged or crafted manifest is an error naming the file, never a KeyError deep in a stage.
+damaged or crafted manifest is an error naming the file, never a KeyError deep in a stage. Every
+path of the layout must stay inside the run after resolving links. The stages that write a run
+hold its lock (:meth:`RunDir.lock`, an advisory ``flock`` on ``run/.cbtm-lock``) while they run, and
+:func:`replace_dir` holds one on the directory it replaces, so a second writer is an error naming
+the first one's PID, never an interleaving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
+import functools
+import inspect
 import json
 import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 MANIFEST = "cbtm.json"
 FORMAT = "cbtm.run/1"
 STATUSES = ("pending", "running", "done", "failed")
 OUTPUT_MARKER = ".cbtm-output"  # written into every directory cbtm replaces atomically
+LOCK = ".cbtm-lock"  # the lock file of a run directory (removed when released)
 
 
 class ManifestError(ValueError):
     """A run directory's manifest is unreadable or does not match the schema."""
+
+
+class RunLocked(ValueError):
+    """Another process is writing the run directory (or output directory)."""
+
+
+_held: dict[str, list] = {}  # lock file -> [fd, depth]: the locks this process holds (re-entrant)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str | Path, what: str, stage: str) -> Iterator[None]:
+    """Hold an advisory ``flock`` on ``lock_file`` (created, and removed on release) for the block;
+    re-entrant within a process (and its forked children, which inherit it). Another holder is a
+    RunLocked error naming ``what``, the holder's PID and its stage. The kernel releases the lock
+    when the holder exits or is killed."""
+    key = os.path.abspath(lock_file)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    while True:
+        try:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ValueError(f"cannot write {what}: {e.strerror} ({key})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLocked(f"{what} is being written by another cbtm process (pid {holder}): wait for it to "
+                            "finish, or use another directory") from None
+        try:  # the file we locked may have been removed by the holder we raced with: lock the one there now
+            if os.path.samestat(os.fstat(fd), os.stat(key)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}, {stage}\n".encode())
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            os.unlink(key)
+        os.close(fd)
+
+
+def holds_lock(stage: str, param: str = "run", output: bool = False, unless: Callable[[], bool] | None = None):
+    """Decorator: the call holds the write lock of the run directory named by its argument
+    ``param`` (with ``output``: the lock of that output directory, :func:`output_lock`), unless
+    ``unless()`` says a parent process holds it."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                return fn(*args, **kwargs)  # the call's own error
+            bound.apply_defaults()
+            target = bound.arguments[param]
+            if unless is not None and unless():
+                return fn(*args, **kwargs)
+            lock = output_lock(Path(target), stage) if output else RunDir.of(target).lock(stage)
+            with lock:
+                return fn(*args, **kwargs)
+        return wrapper
+    return decorate
 
 
 def expert_name(i: int) -> str:
@@ -117,12 +201,32 @@ def replace_dir(out: str | Path, save: Callable[[str], Any], kind: str) -> Path:
     ``.cbtm-output``); anything else is refused with FileExistsError: nothing is ever deleted
     that cbtm did not write there."""
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, kind):
+        return _replace_dir(out, save, kind)
+
+
+def output_lock(out: str | Path, stage: str):
+    """The lock of output directory ``out`` (a file ``.<name>.cbtm-lock`` beside it), held by
+    :func:`replace_dir`; a command that prepares an output at length takes it first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive(out.with_name(f".{out.name}{LOCK}"), str(out), stage)
+
+
+def check_replaceable(out: str | Path, kind: str) -> None:
+    """FileExistsError unless :func:`replace_dir` may replace ``out`` (for commands that check
+    their output before a long computation)."""
+    out = Path(out)
     if out.is_symlink() or out.is_file():
         raise FileExistsError(f"refusing to replace {out}: it is a file or a link, not a cbtm output directory")
     if out.is_dir() and any(out.iterdir()) and not _is_output(out, kind):
         raise FileExistsError(f"refusing to replace {out}: it exists, is not empty and was not written by cbtm "
                               f"as a {kind}; choose a new or empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _replace_dir(out: Path, save: Callable[[str], Any], kind: str) -> Path:
+    check_replaceable(out, kind)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     if tmp.exists():  # our own leftover from a killed process with this pid
         shutil.rmtree(tmp)
@@ -235,6 +339,12 @@ def validate_manifest(data: Any, where: str | Path) -> dict:
             bad(f"experts[{i}].id {e['id']} is negative or repeated")
         seen.add(e["id"])
         _check_inside(e["path"], f"{where}: experts[{i}].path")
+    for section, sub in (("train", "config"), ("moe", None)):
+        holder = data.get(section) or {}
+        holder = holder.get(sub) if sub else holder
+        seq_len = holder.get("seq_len") if isinstance(holder, dict) else None
+        if seq_len is not None and not (_type_ok(seq_len, _INT) and seq_len > 0):
+            bad(f"{section}.{sub + '.' if sub else ''}seq_len must be a positive integer, got {seq_len!r}")
     tok = (data.get("tokenizer") or {}).get("path")
     if tok is not None:
         _check_inside(tok, f"{where}: tokenizer.path")
@@ -265,27 +375,41 @@ class RunDir:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
-    router = property(lambda self: self.path / "router")
-    assignments = property(lambda self: self.path / "assignments")
-    experts = property(lambda self: self.path / "experts")
-    tokenizer = property(lambda self: self.path / "tokenizer")
-    tokens = property(lambda self: self.path / "tokens")
-    seed = property(lambda self: self.path / "seed")
-    checkpoints = property(lambda self: self.path / "checkpoints")
-    logs = property(lambda self: self.path / "logs")
-    reports = property(lambda self: self.path / "reports")
+    # every layout path is checked to stay inside the run (links included); the small directories
+    # read whole (router, tokenizer) entry by entry
+    router = property(lambda self: self.inside(self.path / "router", entries=True))
+    assignments = property(lambda self: self.inside(self.path / "assignments"))
+    experts = property(lambda self: self.inside(self.path / "experts"))
+    tokenizer = property(lambda self: self.inside(self.path / "tokenizer", entries=True))
+    tokens = property(lambda self: self.inside(self.path / "tokens"))
+    seed = property(lambda self: self.inside(self.path / "seed", entries=True))
+    checkpoints = property(lambda self: self.inside(self.path / "checkpoints"))
+    logs = property(lambda self: self.inside(self.path / "logs"))
+    reports = property(lambda self: self.inside(self.path / "reports"))
 
     def expert_dir(self, i: int) -> Path:
-        return self.experts / expert_name(i)
+        return self.inside(self.experts / expert_name(i))
 
     def init_dir(self, i: int) -> Path:
-        return self.path / "init" / expert_name(i)
+        return self.inside(self.path / "init" / expert_name(i))
 
     def token_cache(self, cluster: int) -> Path:
-        return self.tokens / f"cluster_{int(cluster):03d}.safetensors"
+        return self.inside(self.tokens / f"cluster_{int(cluster):03d}.safetensors")
 
     def log_path(self, job: str) -> Path:
-        return self.logs / f"{job}.json"
+        return self.inside(self.logs / f"{job}.json")
+
+    def inside(self, path: Path, entries: bool = False) -> Path:
+        """``path`` (in the run directory), checked not to lead outside it through a link, nor (with
+        ``entries``) any entry of the directory it is; a ManifestError otherwise."""
+        root = self.path.resolve()
+        for p in [path, *(path.iterdir() if entries and path.is_dir() else ())]:
+            if p.is_symlink() or p == path:
+                full = p.resolve()
+                if full != root and root not in full.parents:
+                    raise ManifestError(f"{p} is a link leading outside the run directory {self.path} "
+                                        f"(to {full}): a run reads nothing outside itself")
+        return path
 
     def resolve(self, rel: str | Path) -> Path:
         """``rel`` inside the run directory; a path that leaves it is a ManifestError."""
@@ -295,6 +419,20 @@ class RunDir:
         if full != root and root not in full.parents:
             raise ManifestError(f"{self.manifest_path}: path {str(rel)!r} leaves the run directory (via a link)")
         return full
+
+    @contextlib.contextmanager
+    def lock(self, stage: str) -> Iterator[None]:
+        """Hold the run's write lock (``run/.cbtm-lock``, see :func:`exclusive`) for a stage that
+        writes it; a run directory this creates is removed again if the stage leaves it empty."""
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            with exclusive(self.path / LOCK, f"run directory {self.path}", stage):
+                yield
+        finally:
+            if created:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()  # only when empty
 
     def contains(self, path: str | Path) -> bool:
         """Whether ``path`` is the run directory or inside it (after resolving links)."""

@@ -20,7 +20,9 @@ Paths = Union[PathLike, Iterable[PathLike]]
 _LINE_SUFFIXES = (".jsonl", ".json", ".txt")
 _COMPRESSIONS = ("", ".gz", ".zst")
 SUFFIXES = tuple(s + c for s in _LINE_SUFFIXES for c in _COMPRESSIONS) + (".parquet",)
-_ZSTD_CHUNK = 1 << 20
+_ZSTD_CHUNK = 1 << 20  # compressed bytes read from disk at once ...
+_ZSTD_FEED = 256       # ... and fed to the decompressor at once: a zstd block of >= 4 bytes holds at most
+                       # 128 KiB, so one feed yields at most 8 MiB, however hostile the file
 _DATASET_DICT = "dataset_dict.json"  # a DatasetDict's list of splits, not a corpus file
 
 
@@ -69,8 +71,9 @@ def list_shards(paths: Paths) -> list[Path]:
 
     Each entry of ``paths`` is a file, a directory (all supported files below it, recursively; a
     ``datasets`` directory is one source) or a glob pattern (``**`` allowed). A missing path raises
-    FileNotFoundError; an entry that yields no supported source raises ValueError. An explicitly
-    named file is always taken, whatever its suffix.
+    FileNotFoundError; an entry that yields no supported source, or names a FIFO, socket or device,
+    raises ValueError (directories and globs take regular files only). An explicitly named file is
+    always taken, whatever its suffix.
     """
     shards: set[Path] = set()
     for entry in _entries(paths):
@@ -79,12 +82,15 @@ def list_shards(paths: Paths) -> list[Path]:
             found = [path]
         elif path.is_dir():
             found = _supported_in(path)
+        elif path.exists():
+            raise ValueError(f"corpus path {entry} is not a regular file or directory (a FIFO, socket or device "
+                             "cannot be read as a corpus shard)")
         elif _has_glob(str(entry)):
             found = []
             for match in map(Path, glob.glob(str(entry), recursive=True)):
                 if match.is_dir():
                     found += [] if _in_dataset_dir(match) else _supported_in(match)
-                elif _suffix(match) and match.name != _DATASET_DICT and not _in_dataset_dir(match):
+                elif _suffix(match) and match.is_file() and match.name != _DATASET_DICT and not _in_dataset_dir(match):
                     found.append(match)
         else:
             raise FileNotFoundError(f"corpus path not found: {entry}")
@@ -126,8 +132,10 @@ def fingerprint(paths: Paths) -> str:
 
 
 class _ZstdReader(io.RawIOBase):
-    """The decompressed bytes of a ``.zst`` file, frame after frame. Unlike zstandard's
-    ``stream_reader``, a file that ends inside a frame (truncated) raises EOFError."""
+    """The decompressed bytes of a ``.zst`` file, frame after frame, in bounded memory: compressed
+    input goes to the decompressor ``_ZSTD_FEED`` bytes at a time and its output is served from an
+    offset (no re-slicing). Unlike zstandard's ``stream_reader``, a file that ends inside a frame
+    (truncated) raises EOFError."""
 
     def __init__(self, path: Path):
         import zstandard
@@ -135,25 +143,36 @@ class _ZstdReader(io.RawIOBase):
         self._fh = open(path, "rb")
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = None  # decompressor of the current frame
-        self._out = b""
+        self._out, self._pos = b"", 0  # decompressed bytes not yet served from self._pos on
+        self._in, self._in_pos = b"", 0  # compressed bytes not yet fed from self._in_pos on
 
     def readable(self) -> bool:
         return True
 
+    def _feed(self) -> bytes:
+        """The next compressed bytes (at most ``_ZSTD_FEED``), b"" at the end of the file."""
+        if self._in_pos >= len(self._in):
+            self._in, self._in_pos = self._fh.read(_ZSTD_CHUNK), 0
+        data = self._in[self._in_pos:self._in_pos + _ZSTD_FEED]
+        self._in_pos += len(data)
+        return data
+
     def readinto(self, buf) -> int:
-        while not self._out:
+        while self._pos >= len(self._out):
             data = b""
             if self._frame is not None and self._frame.eof:
                 data, self._frame = self._frame.unused_data, None
-            data = data or self._fh.read(_ZSTD_CHUNK)
+            data = data or self._feed()
             if not data:
                 if self._frame is not None:
                     raise EOFError("zstd stream ended inside a frame (truncated file)")
                 return 0
             self._frame = self._frame or self._dctx.decompressobj()
-            self._out = self._frame.decompress(data)
-        n = min(len(buf), len(self._out))
-        buf[:n], self._out = self._out[:n], self._out[n:]
+            self._out = b""  # freed before the next output is made
+            self._out, self._pos = self._frame.decompress(data), 0
+        n = min(len(buf), len(self._out) - self._pos)
+        buf[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
         return n
 
     def close(self) -> None:

@@ -58,13 +58,19 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = DEF
 
 
 def load_tokenizer(path: str | Path):
-    """A saved tokenizer (never downloads); it must define an EOS token."""
+    """A saved tokenizer (never downloads); it must define an EOS token. A run's tokenizer (the
+    ``tokenizer`` directory beside a manifest that records its fingerprint) must match it. An
+    unreadable tokenizer is a ValueError naming the directory."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    _verify_run_tokenizer(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # a garbage tokenizer.json: UnicodeDecodeError, JSON or tokenizers errors, ...
+        raise ValueError(f"cannot read the tokenizer in {path}: {type(e).__name__}: {e}") from None
     if tok.eos_token_id is None:
         raise ValueError(f"the tokenizer in {path} has no EOS token, needed between packed documents")
     return tok
@@ -78,6 +84,17 @@ def start_token_id(tokenizer) -> int:
     if start is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token")
     return int(start)
+
+
+def _verify_run_tokenizer(path: Path) -> None:
+    run = RunDir(path.parent)
+    if path.name != "tokenizer" or not run.exists():
+        return
+    recorded = (run.manifest().get("tokenizer") or {}).get("fingerprint")
+    run.inside(path, entries=True)  # no link in it leads outside the run
+    if recorded is not None and tokenizer_fingerprint(path) != recorded:  # older runs recorded none
+        raise ValueError(f"the tokenizer files in {path} do not match the fingerprint recorded in {run.manifest_path}: "
+                         "they are damaged or were edited; restore them")
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
@@ -103,6 +120,8 @@ def ensure_tokenizer(run, seed_model: str | Path | None = None, vocab_size: int 
         if any(have.get(key) != v for key, v in want.items()):
             raise ValueError(f"{run.tokenizer} was made from {have}, not {want}: train in a new run directory")
         return load_tokenizer(run.tokenizer)
+    if have:
+        run.drop("tokenizer")  # the entry of files no longer there
     if seed_model:
         tok = load_tokenizer(seed_model)
         replace_dir(run.tokenizer, tok.save_pretrained, "tokenizer")

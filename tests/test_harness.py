@@ -109,3 +109,18 @@ def test_routing_model_argument(run, tmp_path):
     assert lm.ensemble.router.routing == "distance" and lm.model.config.routing == "distance"
     with pytest.raises(ValueError, match="routing must be one of"):
         CbtmLM(run=str(prefixed), routing="nearest")
+
+
+def test_unknown_model_args_and_degenerate_generation_arguments(run):
+    from types import SimpleNamespace
+
+    from cbtm.harness import CbtmLM
+
+    with pytest.raises(ValueError, match=r"unknown cbtm model_args \['topk'\]"):
+        CbtmLM.create_from_arg_string(f"run={run},topk=1", {"batch_size": 2, "max_batch_size": None})
+    lm = CbtmLM.create_from_arg_string(f"run={run},top_k=1", {"batch_size": 2, "max_batch_size": 4})
+    context = "In the beginning"
+    request = lambda **kw: SimpleNamespace(args=(context, {"do_sample": False, **kw}))  # noqa: E731
+    assert lm.generate_until([request(until=["\n"], max_gen_toks=0)]) == [""]
+    want = lm.generate_until([request(until=[], max_gen_toks=3)])
+    assert want[0] and lm.generate_until([request(until=[""], max_gen_toks=3)]) == want

@@ -22,7 +22,7 @@ _EXPORTS = {"CheckpointError": "checkpoint", "list_checkpoints": "checkpoint", "
             "save_checkpoint": "checkpoint", "SEED_KEY": "config", "TrainConfig": "config", "lr_factor": "config",
             "make_config": "config", "split_budget": "config", "run_job": "job", "BACKENDS": "launch",
             "TrainingFailed": "launch", "prepare_dense": "launch", "train_dense": "launch", "train_experts": "launch",
-            "train_runs": "launch", "Trainer": "trainer"}
+            "train_runs": "launch", "Trainer": "trainer", "NonFiniteLoss": "trainer"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -7,6 +7,7 @@ data position and a killed job resumes to the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,11 +21,11 @@ import torch
 
 from .. import models, tokens
 from ..rundir import RunDir, atomic_write_json, now
-from .checkpoint import digest, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, digest, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import barrier, num_threads, resolve_device, process_world
 from .mix import MixTrainer
-from .trainer import Trainer
+from .trainer import NonFiniteLoss, Trainer
 
 
 def _step_rows(step: int, budget: int, tokens_per_step: int, seq_len: int) -> list[tuple[int, int]]:
@@ -41,7 +42,7 @@ def _step_rows(step: int, budget: int, tokens_per_step: int, seq_len: int) -> li
 
 def _resolve(run: RunDir, path: str) -> Path:
     p = Path(path)
-    return p if p.is_absolute() else run.path / p
+    return p if p.is_absolute() else run.inside(run.path / p, entries=True)
 
 
 def _init_fingerprint(run: RunDir, init: dict) -> str:
@@ -144,7 +145,8 @@ def _run_job(run: RunDir, spec: dict, device, progress: bool, callback, position
              "fingerprint": fp, "started": now()}
     ckpts = list_checkpoints(ckpt_root)
     if ckpts:
-        state = load_checkpoint(ckpts[-1], trainer, fp)
+        state = load_checkpoint(run.inside(ckpts[-1], entries=True), trainer, fp)
+        _check_counters(state, ckpts[-1], n_steps, budget)
     resumed_from = state["step"]
     log = {"name": name, "expert": spec["expert"], "clusters": spec["clusters"], "status": "running",
            "fingerprint": fp, "spec": spec, "tokens_budget": budget, "n_steps": n_steps,
@@ -166,7 +168,13 @@ def _run_job(run: RunDir, spec: dict, device, progress: bool, callback, position
     while state["step"] < n_steps:
         t0 = time.perf_counter()
         rows = [stream.row(r, n) for r, n in _step_rows(state["step"], budget, tokens_per_step, cfg.seq_len)]
-        out = trainer.step(rows)
+        try:
+            out = trainer.step(rows)
+        except NonFiniteLoss as e:
+            write_log(status="failed", error=f"{e} at step {state['step'] + 1}")
+            raise NonFiniteLoss(f"{name} stopped at step {state['step'] + 1} of {n_steps}: {e} (a learning rate "
+                                "too high, or non-finite weights in its init or checkpoint: lower --lr, or "
+                                "--restart)") from None
         dt = time.perf_counter() - t0
         state["step"] += 1
         state["tokens"] += out["tokens"]
@@ -179,24 +187,26 @@ def _run_job(run: RunDir, spec: dict, device, progress: bool, callback, position
         bar.update(out["tokens"])
         bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
         if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < n_steps:
-            valid = trainer.evaluate(blocks)
+            valid = _finite_valid(trainer.evaluate(blocks), name, state["step"])
             state["valid"].append({"step": state["step"], "tokens": state["tokens"], "valid_loss": valid})
             if valid is not None:
                 bar.set_postfix(loss=f"{out['loss']:.3f}", valid=f"{valid:.3f}", refresh=False)
         state["seconds"] += time.perf_counter() - mark  # wall time: steps, evaluations, checkpoints
         mark = time.perf_counter()
         if cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0 and state["step"] < n_steps:
-            save_checkpoint(ckpt_root, trainer, state)
+            with _disk_errors(f"{name}: cannot write a checkpoint in {ckpt_root}"):
+                save_checkpoint(ckpt_root, trainer, state)
             write_log()
         if callback is not None and rank == 0:
             callback({"name": name, "n_steps": n_steps, **info})
     bar.close()
-    final = trainer.evaluate(blocks)
+    final = _finite_valid(trainer.evaluate(blocks), name, state["step"])
     state["seconds"] += time.perf_counter() - mark
     state["valid"].append({"step": state["step"], "tokens": state["tokens"], "valid_loss": final})
     if rank == 0:  # trained in float32, saved in the init's dtype unless save_dtype names another
         source = None if "size" in spec["init"] else _resolve(run, spec["init"]["path"])
-        models.save(trainer.model.to(models.save_dtype(cfg.save_dtype, source)), out_dir)
+        with _disk_errors(f"{name}: cannot write the trained model to {out_dir}"):
+            models.save(trainer.model.to(models.save_dtype(cfg.save_dtype, source)), out_dir)
     speed = session_tokens / session_train_s if session_train_s else None
     result = {"final_valid_loss": final, "valid_tokens": sum(len(b) for b in blocks),
               "tokens_trained": state["tokens"], "tokens_per_s": speed, "finished": now(),
@@ -205,6 +215,33 @@ def _run_job(run: RunDir, spec: dict, device, progress: bool, callback, position
     write_log(**result, status="done")
     barrier()
     return {**log, **state, **result, "status": "done"}
+
+
+def _check_counters(state: dict, path: Path, n_steps: int, budget: int) -> None:
+    """A checkpoint's step and token counters must lie inside the job (they decide where it resumes)."""
+    step, toks = state.get("step"), state.get("tokens")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (step, toks))
+    if not (ints and 0 <= step < n_steps and 0 <= toks <= budget and isinstance(state.get("history"), list)
+            and isinstance(state.get("valid"), list)):
+        raise CheckpointError(f"checkpoint {path}: step {step!r} and tokens {toks!r} are out of range for a job of "
+                              f"{n_steps} steps and {budget} tokens: delete it to resume from the one before, or "
+                              "pass --restart")
+
+
+def _finite_valid(loss: float | None, name: str, step: int) -> float | None:
+    if loss is not None and not np.isfinite(loss):
+        raise NonFiniteLoss(f"{name}: non-finite validation loss {loss} after step {step}: lower --lr, or --restart")
+    return loss
+
+
+@contextlib.contextmanager
+def _disk_errors(what: str):
+    """An OSError (a full disk, a read-only directory) as one clear CheckpointError; resuming is safe."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(f"{what}: {e.strerror or e}. Make room and run the same command again: it resumes "
+                              "from the last checkpoint to the same weights") from None
 
 
 def make_spec(name, expert, clusters, tokens, init, out, key, cfg: TrainConfig) -> dict:

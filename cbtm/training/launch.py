@@ -4,6 +4,7 @@ checkpoint); and the compute-matched dense baseline."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import subprocess
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import assignments, defaults, tokens
-from ..rundir import RunDir, atomic_write_json, expert_name
+from ..rundir import RunDir, atomic_write_json, expert_name, holds_lock
 from .config import TrainConfig, make_config
 from .distributed import launched_by_torchrun, resolve_device
 from .job import run_job
@@ -29,6 +30,7 @@ class TrainingFailed(RuntimeError):
     """One or more jobs failed; the manifest records which and why."""
 
 
+@holds_lock("train", unless=launched_by_torchrun)  # under torchrun the launching process holds it
 def train_experts(run, total_tokens: int, *, model_size: str = "tiny", seed_model: str | Path | None = None,
                   seed_tokens: int = 0, experts: Sequence[int] | None = None, backend: str = "local",
                   parallel: int = 1, nproc_per_node: int = 2, ray_address: str | None = None,
@@ -89,7 +91,16 @@ def train_runs(requests: Sequence[dict], *, parallel: int = 1, device: str | Non
     ``run``, ``total_tokens`` and any of ``model_size``, ``seed_model``, ``seed_tokens``,
     ``experts``, ``vocab_size``, ``restart``, ``config`` and TrainConfig fields. Every run is planned
     (and validated) before any job starts; seed phases run in process before the experts. Rerunning
-    resumes. Returns each run's summary, in order; raises TrainingFailed when any job failed."""
+    resumes. Returns each run's summary, in order; raises TrainingFailed when any job failed.
+    Holds every run's write lock while it runs."""
+    with contextlib.ExitStack() as locks:
+        for request in requests:
+            if isinstance(request, dict) and "run" in request:
+                locks.enter_context(RunDir.of(request["run"]).lock("train"))
+        return _train_runs(requests, parallel, device, threads, progress)
+
+
+def _train_runs(requests: Sequence[dict], parallel: int, device, threads, progress: bool) -> list[dict]:
     if int(parallel) != parallel or parallel < 1:
         raise ValueError("parallel must be a positive integer")
     planned = []
@@ -290,6 +301,7 @@ def _dispatch_ray(run: RunDir, jobs: list[dict], address, num_cpus, num_gpus, re
                 return
 
 
+@holds_lock("train --dense", "out")
 def prepare_dense(out, *, like=None, corpus=None, valid_fraction: float = defaults.VALID_FRACTION,
                   split_seed: int = defaults.SPLIT_SEED, seed_model: str | Path | None = None,
                   vocab_size: int | None = None, progress: bool = True) -> RunDir:
@@ -346,6 +358,7 @@ def like_settings(like, given: dict) -> dict:
     return {**ref, "model_size": ref["model_size"] or defaults.MODEL_SIZE, "vocab_size": given.get("vocab_size")}
 
 
+@holds_lock("train --dense", "out")
 def train_dense(out, total_tokens: int, *, like=None, corpus=None, valid_fraction: float = defaults.VALID_FRACTION,
                 split_seed: int = defaults.SPLIT_SEED, model_size: str | None = None,
                 seed_model: str | Path | None = None, seed_tokens: int | None = None,

@@ -33,7 +33,7 @@ def record(run: RunDir, spec: dict, status: str, result: dict | None = None, err
         fields_.update({key: result.get(key) for key in ("tokens_trained", "final_valid_loss", "params",
                                                           "seconds", "tokens_per_s")})
         fields_["log"] = f"logs/{spec['name']}.json"
-        fields_["sha256"] = models.weights_digest(run.path / spec["out"])  # verified whenever it is loaded
+        fields_["sha256"] = models.model_digest(run.path / spec["out"])  # verified whenever it is loaded
     if error:
         fields_["error"] = error
     if spec["expert"] is None:

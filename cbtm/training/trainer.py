@@ -15,6 +15,10 @@ from .distributed import process_world
 from .loss import IGNORE, fused_head, linear_cross_entropy
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A training or validation loss (or gradient norm) is NaN or infinite: the job stops."""
+
+
 def _micro_batches(rows: Sequence[np.ndarray], size: int) -> list[list[np.ndarray]]:
     """Consecutive groups of at most ``size`` rows of equal length."""
     out: list[list[np.ndarray]] = []
@@ -105,6 +109,9 @@ class Trainer:
         if self.world > 1:
             torch.distributed.all_reduce(total)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip or float("inf"))
+        if not (torch.isfinite(total) and torch.isfinite(norm)):  # checked before the weights change
+            self.opt.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"non-finite training loss {float(total) / denom} (gradient norm {float(norm)})")
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
