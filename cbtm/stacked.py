@@ -55,6 +55,17 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int],
 _GROUPED_MM_FAILED: set = set()
 
 
+def grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int],
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain reference of :func:`grouped_linear`, in float64: each expert's rows times its weight."""
+    out, a = [], 0
+    for j, n in enumerate(counts):
+        y = x[a:a + n].double() @ weight[j].double()
+        out.append(y + bias[j].double() if bias is not None else y)
+        a += n
+    return torch.cat(out)
+
+
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return (hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and (x.device.type, x.dtype) not in _GROUPED_MM_FAILED)
