@@ -283,3 +283,23 @@ def test_expert_subset_and_per_request_top_k(llama_run):
                 counts[i].add(len(e.routing))
                 assert abs(sum(w for _, w in e.routing) - 1) < 1e-5
     assert seen[0] == {1} and counts[1] == {K} and counts[2] == {1} and seen[2] <= {0, 2}
+
+
+def test_wrapper_bad_inputs_name_the_argument(llama_run):
+    from cbtm.hf_model import EnsembleForCausalLM
+
+    model = EnsembleForCausalLM.from_run(llama_run, top_k=2)
+    V = model.config.vocab_size
+    assert V == len(model.tokenizer) + 21  # the experts' (padded) width
+    for bad in ([[5, V]], [[5, -1]]):
+        with pytest.raises(ValueError, match="input_ids.*vocabulary"):
+            model(input_ids=torch.tensor(bad))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(input_ids=torch.tensor([5, 6]))  # not (batch, length)
+    assert model(input_ids=torch.zeros(2, 0, dtype=torch.long)).logits.shape == (2, 0, V)  # nothing to score
+    # padded ids are never generated; the real ids keep the experts' own log-probs (not renormalised)
+    out = model(input_ids=torch.tensor([[model.ensemble.bos, 5, 6]])).logits
+    n = len(model.tokenizer)
+    assert torch.isinf(out[..., n:]).all() and (out[..., :n].exp().sum(-1) < 1).all()
+    want = model.ensemble.score([model.tokenizer.decode([5, 6])])[0]
+    assert torch.allclose(out[0, :2].gather(-1, torch.tensor([[5], [6]]))[:, 0], want, atol=1e-5)
