@@ -392,11 +392,12 @@ def convert_pickled(src: str | Path, out: str | Path) -> Path:
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ValueError(f"{src / shard} is not a state dict of tensors")
             seen, tensors = set(), {}
-            for key, t in state.items():  # safetensors refuses shared storage (tied weights): repeats are copied
-                ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-                tensors[key] = t.clone().contiguous() if ptr in seen else t.contiguous()
+            for key, t in state.items():  # tied weights share storage: kept once, under their first
+                ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))  # name, as
+                if ptr not in seen:                                       # save_pretrained writes them
+                    tensors[key] = t.contiguous()
+                    new_map[key] = names[shard]
                 seen.add(ptr)
-                new_map[key] = names[shard]
             save_file(tensors, str(tmp / names[shard]), metadata={"format": "pt"})
         if len(shards) > 1:
             index_json = {"metadata": {}, "weight_map": new_map}
