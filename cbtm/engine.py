@@ -439,11 +439,14 @@ class Engine:
 
     def _sample(self, seqs: Sequence[Sequence_], logp: torch.Tensor, w: np.ndarray) -> list[Event]:
         """Choose each row's next token from its mixture log-probs (B, V); update and retire rows."""
-        masked = logp.clone()
-        masked[:, self.real_vocab:] = -math.inf  # ids of a padded vocabulary are never generated
-        for b, s in enumerate(seqs):
-            if self.eos is not None and (s.params.ignore_eos or len(s.new) < s.params.min_tokens):
-                masked[b, self.eos] = -math.inf
+        no_eos = [b for b, s in enumerate(seqs) if self.eos is not None
+                  and (s.params.ignore_eos or len(s.new) < s.params.min_tokens)]
+        padded = self.real_vocab < logp.shape[1]
+        masked = logp.clone() if padded or no_eos else logp  # the mixture's own values stay in logp
+        if padded:
+            masked[:, self.real_vocab:] = -math.inf  # ids of a padded vocabulary are never generated
+        if no_eos:
+            masked[no_eos, self.eos] = -math.inf
         greedy = torch.argmax(masked, dim=-1).tolist()
         events, grown = [], []
         for b, s in enumerate(seqs):

@@ -71,6 +71,13 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
             and (x.device.type, x.dtype) not in _GROUPED_MM_FAILED)
 
 
+def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dimension (one op where torch has F.rms_norm)."""
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, x.shape[-1:], eps=eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def _pad(x: torch.Tensor, vp: torch.Tensor, vt: torch.Tensor, P: int, T: int, padded: bool) -> torch.Tensor:
     """Packed rows x (N, H, hd) laid out per segment (P, H, T, hd), zeros where a segment is shorter."""
     if padded:
@@ -244,10 +251,7 @@ class StackedExperts:
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """RMSNorm of x (N, d) with each row's expert weights w (N, d), as transformers computes it."""
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * x.to(dtype)
+        return w * _rms_norm(x.float(), self.eps).to(x.dtype)
 
     def forward(self, ids: torch.Tensor, experts: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -284,12 +288,10 @@ class StackedExperts:
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer["ln1"][tok_expert])
             qkv = grouped_linear(h, layer["qkv"], counts, layer["qkv_b"], offs)
-            q, k, v = qkv.split([hq * hd, hk * hd, hk * hd], dim=-1)
-            q = q.view(N, hq, hd)
-            k = k.view(N, hk, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            v = v.view(N, hk, hd)
+            qk = qkv[:, :(hq + hk) * hd].view(N, hq + hk, hd)
+            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together
+            q, k = qk[:, :hq], qk[:, hq:]
+            v = qkv[:, (hq + hk) * hd:].view(N, hk, hd)
             if slots is not None:
                 pk, pv = self.pool.k[i], self.pool.v[i]
                 pk[slots[vp], :, positions] = k

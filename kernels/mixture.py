@@ -344,7 +344,8 @@ def weighted_logsumexp_ref(logits: Logits, log_weights: torch.Tensor, upcast=Tru
     used = torch.nonzero(active.any(0)).flatten().tolist()
     if len(used) == 1 and bool(active[:, used[0]].all()):  # one expert for every row: its log-softmax
         j = used[0]
-        return torch.log_softmax(xs[j].to(dt), dim=-1) + lw[:, j:j + 1].to(dt)
+        out = torch.log_softmax(xs[j].to(dt), dim=-1)
+        return out if bool((lw[:, j] == 0).all()) else out.add_(lw[:, j:j + 1].to(dt))
     if not used:
         return neg_inf.expand(B, V).clone()
     out = None
