@@ -604,19 +604,28 @@ def create_app(ensemble, model_name: str = "cbtm", max_batch: int = defaults.MAX
                 status, left = 200, n
                 try:
                     while left:
-                        i, kind, payload = await out.get()
-                        if kind == "error":
-                            status = payload[0]
-                            jobs[i].finished = True
-                            yield _sse(ApiError(*payload).body())
-                            break
-                        choice = decoded.add(i, payload)
-                        if payload.finish_reason is not None:
-                            jobs[i].finished = True
-                            left -= 1
-                        if choice is not None:
+                        items = [await out.get()]
+                        while not out.empty():  # a client slower than the decode loop gets the
+                            items.append(out.get_nowait())  # tokens waiting for it in one chunk
+                        merged: dict[int, dict] = {}
+                        error = None
+                        for i, kind, payload in items:
+                            if kind == "error":
+                                status, error = payload[0], payload
+                                jobs[i].finished = True
+                                break
+                            choice = decoded.add(i, payload)
+                            if payload.finish_reason is not None:
+                                jobs[i].finished = True
+                                left -= 1
+                            if choice is not None:
+                                _merge_choice(merged, choice)
+                        for choice in merged.values():
                             yield _sse({"id": rid, "object": "text_completion", "created": created, "model": st.model,
                                         "choices": [choice]})
+                        if error is not None:
+                            yield _sse(ApiError(*error).body())
+                            break
                     if opt["include_usage"] and status == 200:
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": st.model,
                                     "choices": [], "usage": usage()})
@@ -665,6 +674,21 @@ def create_app(ensemble, model_name: str = "cbtm", max_batch: int = defaults.MAX
                 self._cleanup()
 
     return app
+
+
+def _merge_choice(merged: dict[int, dict], choice: dict) -> None:
+    """Fold a streamed choice into the pending one of its index (text, logprobs and routing appended)."""
+    prev = merged.get(choice["index"])
+    if prev is None:
+        merged[choice["index"]] = choice
+        return
+    prev["text"] += choice["text"]
+    prev["finish_reason"] = choice["finish_reason"]
+    if prev.get("logprobs") is not None:
+        for key, value in choice["logprobs"].items():
+            prev["logprobs"][key] += value
+    if "routing" in prev:
+        prev["routing"] += choice["routing"]
 
 
 def _byte_of() -> dict[str, int]:

@@ -146,6 +146,22 @@ def test_streaming(client):
     assert text == {0: r.choices[0].text, 1: r.choices[1].text}
 
 
+def test_a_slow_client_gets_waiting_tokens_merged_into_one_chunk():
+    from cbtm.server import _merge_choice
+
+    merged = {}
+    for k, fin in enumerate([None, None, "length"]):
+        _merge_choice(merged, {"index": 0, "text": f"t{k}", "finish_reason": fin,
+                               "logprobs": {"tokens": [f"t{k}"], "token_logprobs": [-k], "top_logprobs": [{}],
+                                            "text_offset": [2 * k]},
+                               "routing": [{"experts": [k], "weights": [1.0]}]})
+    _merge_choice(merged, {"index": 1, "text": "u", "finish_reason": None, "logprobs": None})
+    zero = merged[0]
+    assert zero["text"] == "t0t1t2" and zero["finish_reason"] == "length"
+    assert zero["logprobs"]["token_logprobs"] == [0, -1, -2] and zero["logprobs"]["text_offset"] == [0, 2, 4]
+    assert [r["experts"] for r in zero["routing"]] == [[0], [1], [2]] and merged[1]["text"] == "u"
+
+
 def test_cbtm_fields_and_logprobs(client):
     base = dict(model=MODEL, prompt="In the beginning God created", max_tokens=10, temperature=0)
     r = client.completions.create(**base, extra_body={"return_routing": True, "ignore_eos": True})
