@@ -215,6 +215,12 @@ class Job:
             pass
 
 
+def _deliver(items) -> None:
+    """In the event loop: each (job, event) into its request's queue."""
+    for job, ev in items:
+        job.out.put_nowait((job.index, "event", ev))
+
+
 class DecodeLoop:
     """The one thread that owns an engine: admits jobs, steps the batch, hands out events.
 
@@ -311,6 +317,7 @@ class DecodeLoop:
             m.queue_depth.set(len(self.engine.waiting))
             counts = np.zeros(len(m.expert_tokens), np.int64)
             tokens = 0
+        deliveries: dict = {}  # event loop -> [(job, event)]: one wake-up per loop and step
         for ev in events:
             if m is not None and ev.token is not None:
                 tokens += 1
@@ -321,7 +328,10 @@ class DecodeLoop:
                 continue
             if ev.finish_reason is not None:
                 del self._jobs[ev.seq_id]
-            job.put("event", ev)
+            deliveries.setdefault(job.loop, []).append((job, ev))
+        for loop, items in deliveries.items():
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening
+                loop.call_soon_threadsafe(_deliver, items)
         if m is not None:
             m.generation_tokens.inc(tokens)
             for j in np.flatnonzero(counts):
