@@ -501,7 +501,8 @@ def _serve(a):
 
     serve(a.run, host=a.host, port=a.port, top_k=None if a.top_k == "all" else int(a.top_k), device=a.device,
           max_batch=a.max_batch, max_queue=a.max_queue, max_loaded=a.max_loaded,
-          max_prompt_tokens=a.max_prompt_tokens, grace=a.grace, model_name=a.model_name, routing=a.routing)
+          max_prompt_tokens=a.max_prompt_tokens, grace=a.grace, model_name=a.model_name, routing=a.routing,
+          threads=a.threads)
 
 
 def _add_serve(sub) -> None:
@@ -524,6 +525,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--grace", type=float, default=defaults.SERVE_GRACE,
                    help=f"seconds in-flight requests get after SIGTERM (default {defaults.SERVE_GRACE:g})")
     s.add_argument("--model-name", default=None, help="the model id clients name (default: the run's folder name)")
+    s.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads of the decode loop (default: one core fewer than the machine has, at "
+                        "least 1: the HTTP side keeps a core; spinning math threads on every core slow it down)")
     s.set_defaults(fn=_serve)
 
 

@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import os
 import queue
 import signal
 import threading
@@ -802,10 +803,15 @@ def serve(run, host: str = defaults.SERVE_HOST, port: int = defaults.SERVE_PORT,
           device: str = "cpu", max_batch: int = defaults.MAX_BATCH, max_queue: int = defaults.SERVE_MAX_QUEUE,
           max_loaded: int | None = None, max_prompt_tokens: int = defaults.SERVE_MAX_PROMPT_TOKENS,
           max_tokens_limit: int = defaults.SERVE_MAX_TOKENS, grace: float = defaults.SERVE_GRACE,
-          model_name: str | None = None, routing: str = defaults.ROUTING, log_level: str = "info") -> None:
+          model_name: str | None = None, routing: str = defaults.ROUTING, log_level: str = "info",
+          threads: int | None = None) -> None:
     """Load a run and serve it with uvicorn until SIGTERM / SIGINT: then stop accepting, give in-flight
-    requests ``grace`` seconds to finish, and return (the process exits 0)."""
+    requests ``grace`` seconds to finish, and return (the process exits 0). ``threads``: torch's CPU
+    threads for this process (default: one core fewer than the machine has, at least 1)."""
+    import torch
     import uvicorn
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
 
     ens = load_ensemble(run, top_k, device, max_loaded, routing)
     name = model_name or Path(run).resolve().name
