@@ -277,10 +277,10 @@ async def hostile_async(url: str, n: int = 1000, seed: int = 0, concurrency: int
                                 break
                     count("cancelled stream" if r.status_code == 200 else f"{r.status_code}")
                     return
-                if isinstance(body, bytes):
-                    r = await http.post(url + "/v1/completions", content=body)
-                else:
-                    r = await http.post(url + "/v1/completions", json=body)
+                if not isinstance(body, bytes):  # Python's json writes inf as Infinity (not JSON): sent as is
+                    body = json.dumps(body).encode()
+                r = await http.post(url + "/v1/completions", content=body,
+                                    headers={"Content-Type": "application/json"})
                 try:
                     ok_shape = r.status_code == 200 or set(r.json()["error"]) == {"message", "type", "param", "code"}
                 except (ValueError, KeyError, TypeError):
