@@ -126,7 +126,7 @@ class Event:
     finish_reason: str | None = None
 
 
-class Sequence_:
+class SequenceState:
     """One sequence's state: its window, text, per-expert caches, sampler and output so far."""
 
     def __init__(self, seq_id: int, params: SamplingParams, prefix: str, tail: list[int], start: int,
@@ -166,8 +166,8 @@ class Engine:
         self.real_vocab = len(self.tok)  # ids past it (a padded vocabulary) are never generated
         self.runner = _StackedRunner(ensemble) if _StackedRunner.usable(ensemble) else _ModelRunner(ensemble)
         self._decode = _decoder(self.tok)
-        self.running: dict[int, Sequence_] = {}
-        self.waiting: deque[Sequence_] = deque()
+        self.running: dict[int, SequenceState] = {}
+        self.waiting: deque[SequenceState] = deque()
         self._ids = itertools.count()
         self._seeds = np.random.SeedSequence(seed)
         self._distance = None  # the distance router, for sequences that ask for it
@@ -220,10 +220,10 @@ class Engine:
             events += self._sample(seqs, logp, w)
         return events
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams]) -> list[Sequence_]:
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams]) -> list[SequenceState]:
         """Run prompts to completion (their params one each); the finished sequences in prompt order."""
         ids = [self.add(p, q) for p, q in zip(prompts, params)]
-        done: dict[int, Sequence_] = {}
+        done: dict[int, SequenceState] = {}
         by_id = {s.id: s for s in self.waiting}
         while self.has_work():
             for e in self.step():
@@ -233,21 +233,21 @@ class Engine:
 
     # ---- feeding tokens directly (EnsembleForCausalLM) ------------------------------------------
 
-    def open(self) -> Sequence_:
+    def open(self) -> SequenceState:
         """A sequence outside the batch loop, fed by :meth:`extend` (its window holds the start token)."""
         return self._new([], SamplingParams().checked(self.k))
 
-    def extend(self, seqs: Sequence[Sequence_], tokens: Sequence[Sequence[int]], all_positions: bool) -> list[torch.Tensor]:
+    def extend(self, seqs: Sequence[SequenceState], tokens: Sequence[Sequence[int]], all_positions: bool) -> list[torch.Tensor]:
         """Append tokens to sequences; the mixture's log-probs after each appended token (n, V), or after
         the last only (1, V) when not ``all_positions`` (then a window that outgrows the context slides,
         as in generation; with ``all_positions`` it must fit). A sequence's first tokens may begin with
         the start token; it is not added twice."""
+        tokens = [[int(t) for t in new] for new in tokens]
+        bad = [t for new in tokens for t in new if not 0 <= t < self.vocab]
+        if bad:  # checked before any sequence changes
+            raise ValueError(f"input_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab})")
         rows, weights, order = [], [], []
         for seq, new in zip(seqs, tokens):
-            new = [int(t) for t in new]
-            bad = [t for t in new if not 0 <= t < self.vocab]
-            if bad:
-                raise ValueError(f"input_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab})")
             n = len(new)
             if seq.window == [self.start] and not seq.tail and new[:1] == [self.start]:
                 new = new[1:]
@@ -270,9 +270,9 @@ class Engine:
         out = self._forward(rows, weights) if rows else []
         return [out[i] if i is not None else torch.zeros(0, self.vocab) for i in order]
 
-    def fork(self, seq: Sequence_) -> Sequence_:
+    def fork(self, seq: SequenceState) -> SequenceState:
         """A copy of a sequence with copies of its caches (beam search)."""
-        twin = Sequence_(next(self._ids), seq.params, seq.prefix, list(seq.tail), self.start,
+        twin = SequenceState(next(self._ids), seq.params, seq.prefix, list(seq.tail), self.start,
                          None, None, self.k)
         twin.window, twin.new, twin.text, twin.raw = list(seq.window), list(seq.new), seq.text, seq.raw
         if seq.tail is seq.new:
@@ -282,13 +282,13 @@ class Engine:
             twin.experts[j] = [self.runner.copy(handle, done), done]
         return twin
 
-    def close(self, seq: Sequence_) -> None:
+    def close(self, seq: SequenceState) -> None:
         """Free an opened sequence's caches."""
         self.runner.release(seq)
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _new(self, prompt, params: SamplingParams) -> Sequence_:
+    def _new(self, prompt, params: SamplingParams) -> SequenceState:
         if isinstance(prompt, str):
             prefix, tail = prompt, []
             ids = self.ens.encode(prompt)
@@ -303,27 +303,27 @@ class Engine:
         seed = params.seed if params.seed is not None else int(self._seeds.spawn(1)[0].generate_state(1)[0])
         gen = torch.Generator().manual_seed(seed) if not (params.greedy or params.temperature == 0) else None
         stream = self.ens.router.embedder.stream() if self.ens.router is not None else None
-        seq = Sequence_(next(self._ids), params, prefix, tail, self.start, stream, gen, self.k)
+        seq = SequenceState(next(self._ids), params, prefix, tail, self.start, stream, gen, self.k)
         if isinstance(prompt, str):
             seq.window = [self.start] + ids
             seq.tail = seq.new  # the routing text is the prompt and the generated tokens
         return seq
 
-    def _slide(self, seq: Sequence_) -> None:
+    def _slide(self, seq: SequenceState) -> None:
         """Keep the window inside the experts' context: the start token and its last half."""
         L = self.ens.context
         if len(seq.window) >= L:
             seq.window = [self.start] + seq.window[-(L // 2):]
             self.runner.release(seq)
 
-    def _texts(self, seqs: Sequence[Sequence_]) -> list[str]:
+    def _texts(self, seqs: Sequence[SequenceState]) -> list[str]:
         """Each sequence's routing text: its prefix and its decoded tail (text prompts: the generated
         tokens, decoded once per step by ``_sample``)."""
         todo = [s for s in seqs if s.tail is not s.new or s.raw is None]
         decoded = dict(zip(map(id, todo), self._decode([s.tail for s in todo])))
         return [s.prefix + (decoded[id(s)] if id(s) in decoded else s.raw) for s in seqs]
 
-    def _route(self, seqs: Sequence[Sequence_]) -> np.ndarray:
+    def _route(self, seqs: Sequence[SequenceState]) -> np.ndarray:
         """Weights (B, K) of each sequence's next token, from its whole text so far."""
         ens, B = self.ens, len(seqs)
         allowed = np.ones((B, self.k), bool)
@@ -350,7 +350,7 @@ class Engine:
         p = np.exp(logp - logp.max(1, keepdims=True))
         return np.stack([keep_top_k(p[b:b + 1], top_k[b])[0] for b in range(B)]).astype(np.float32)
 
-    def _top_k(self, seq: Sequence_) -> int:
+    def _top_k(self, seq: SequenceState) -> int:
         t = seq.params.top_k
         if t is None:
             t = self.ens.top_k
@@ -367,7 +367,7 @@ class Engine:
         raise ValueError("routing='prefix' needs the run's prefix router (fit it with `cbtm cluster fit-prefix`); "
                          "this ensemble routes by distance")
 
-    def _route_positions(self, seq: Sequence_, n: int) -> np.ndarray:
+    def _route_positions(self, seq: SequenceState, n: int) -> np.ndarray:
         """Weights (n, K) after each of the last n tokens of a sequence's tail (its contexts decoded)."""
         ens = self.ens
         if ens.kind != "cluster":
@@ -388,7 +388,7 @@ class Engine:
             allowed[:, list(seq.params.experts)] = True
         return router.weights(emb, allowed, top_k)
 
-    def _forward(self, seqs: Sequence[Sequence_], weights: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    def _forward(self, seqs: Sequence[SequenceState], weights: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Mixture log-probs (n_b, V) after each of the last n_b window tokens of every sequence, given
         the routing weights there (n_b, K): every expert routed to runs once for all its rows."""
         segments = []  # (row, expert, window position its cache has reached, stop, first position wanted)
@@ -437,7 +437,7 @@ class Engine:
                                        torch.from_numpy(logw).float().to(dev)).cpu()  # (R, V)
         return [mixed[starts[b]:starts[b + 1]] for b in range(len(seqs))]
 
-    def _sample(self, seqs: Sequence[Sequence_], logp: torch.Tensor, w: np.ndarray) -> list[Event]:
+    def _sample(self, seqs: Sequence[SequenceState], logp: torch.Tensor, w: np.ndarray) -> list[Event]:
         """Choose each row's next token from its mixture log-probs (B, V); update and retire rows."""
         no_eos = [b for b, s in enumerate(seqs) if self.eos is not None
                   and (s.params.ignore_eos or len(s.new) < s.params.min_tokens)]
@@ -488,7 +488,7 @@ class Engine:
                 self._retire(s)
         return [ev for _, ev in events]
 
-    def _release_text(self, seq: Sequence_, ev: Event) -> None:
+    def _release_text(self, seq: SequenceState, ev: Event) -> None:
         """End at a stop string in the decoded generated tokens (``seq.raw``); release the text that is final."""
         text = seq.raw
         stops = seq.params.stop
@@ -508,7 +508,7 @@ class Engine:
             ev.text = text[seq.emitted:ready]
             seq.emitted = ready
 
-    def _retire(self, seq: Sequence_) -> None:
+    def _retire(self, seq: SequenceState) -> None:
         seq.finish = seq.finish or "length"
         self.running.pop(seq.id, None)
         self.runner.release(seq)
