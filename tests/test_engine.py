@@ -303,3 +303,17 @@ def test_wrapper_bad_inputs_name_the_argument(llama_run):
     assert torch.isinf(out[..., n:]).all() and (out[..., :n].exp().sum(-1) < 1).all()
     want = model.ensemble.score([model.tokenizer.decode([5, 6])])[0]
     assert torch.allclose(out[0, :2].gather(-1, torch.tensor([[5], [6]]))[:, 0], want, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["run", "llama_run"])
+def test_engine_on_cuda_equals_cpu(request, which, monkeypatch):
+    """Both expert paths on a GPU (stacked weights, KV slots and the Triton mixture on the device) give
+    the CPU's greedy tokens and log-probs."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    path = request.getfixturevalue(which)
+    cpu = _run(Engine(Ensemble.load(path, top_k=2)), PROMPTS, [_params(12, logprobs=0)] * len(PROMPTS))
+    gpu = _run(Engine(Ensemble.load(path, top_k=2, device="cuda")), PROMPTS, [_params(12, logprobs=0)] * len(PROMPTS))
+    assert [s.new for s in gpu[0]] == [s.new for s in cpu[0]]
+    for a, b in zip(gpu[1], cpu[1]):
+        assert np.allclose(a, b, atol=1e-3)
