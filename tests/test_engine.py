@@ -317,3 +317,15 @@ def test_engine_on_cuda_equals_cpu(request, which, monkeypatch):
     assert [s.new for s in gpu[0]] == [s.new for s in cpu[0]]
     for a, b in zip(gpu[1], cpu[1]):
         assert np.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize("top_k", [1, None])
+def test_generation_past_the_context_slides_like_the_reference(llama_run, top_k):
+    """60 new tokens through a 48-token context: every pair's KV slot is freed and refilled when the
+    window slides, and the tokens stay the reference's."""
+    ens = Ensemble.load(llama_run, top_k=top_k)
+    params = [SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True)] * 2
+    want = generate_ref(ens, PROMPTS[:2], params)
+    seqs = Engine(ens).generate(PROMPTS[:2], params)
+    assert [s.text for s in seqs] == want and all(len(s.new) == 60 for s in seqs)
+    assert len(ens.stacked().pool.free) == ens.stacked().pool.slots
