@@ -55,7 +55,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "server_error"),
+        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(
+            self.status, "invalid_request_error" if 400 <= self.status < 500 else "server_error"),
                           "param": self.param, "code": self.code}}
 
 

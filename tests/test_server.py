@@ -223,7 +223,7 @@ def test_other_errors(server, client):
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
     r = httpx.get(server.url + "/v1/completions")
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_models_health_metrics(server, client):
