@@ -393,13 +393,20 @@ class Engine:
         the routing weights there (n_b, K): every expert routed to runs once for all its rows."""
         segments = []  # (row, expert, window position its cache has reached, stop, first position wanted)
         posterior = self.ens.kind == "posterior"
-        for b, (seq, w) in enumerate(zip(seqs, weights)):
-            n, end = len(w), len(seq.window)
-            routed = np.ones_like(w, bool) if posterior else w > 0  # (n, K)
-            last = n - 1 - np.argmax(routed[::-1], axis=0)  # (K,) the last position routed to each expert
-            for j in np.flatnonzero(routed.any(0)).tolist():
-                handle = seq.experts.get(j)
-                segments.append((b, j, handle[1] if handle is not None else 0, end - n + int(last[j]) + 1, end - n))
+        if all(len(w) == 1 for w in weights):  # a decode step: each routed expert feeds through the end
+            routed = np.ones((len(seqs), self.k), bool) if posterior else np.concatenate(weights) > 0
+            for b, j in zip(*(a.tolist() for a in np.nonzero(routed))):
+                handle, end = seqs[b].experts.get(j), len(seqs[b].window)
+                segments.append((b, j, handle[1] if handle is not None else 0, end, end - 1))
+        else:
+            for b, (seq, w) in enumerate(zip(seqs, weights)):
+                n, end = len(w), len(seq.window)
+                routed = np.ones_like(w, bool) if posterior else w > 0  # (n, K)
+                last = n - 1 - np.argmax(routed[::-1], axis=0)  # (K,) the last position routed to each expert
+                for j in np.flatnonzero(routed.any(0)).tolist():
+                    handle = seq.experts.get(j)
+                    segments.append((b, j, handle[1] if handle is not None else 0, end - n + int(last[j]) + 1,
+                                     end - n))
         table, base = self.runner.run(seqs, segments)  # (M, V): each segment's wanted positions, from base
         dev = self.ens.mix_device
         starts = np.cumsum([0] + [len(w) for w in weights])
