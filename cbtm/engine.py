@@ -25,6 +25,7 @@ always reads the whole decoded text. A row's output never depends on its batch-m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -573,8 +574,6 @@ class _ModelRunner:
         seq.experts.clear()
 
     def copy(self, handle, n: int):
-        import copy
-
         return copy.deepcopy(handle)
 
 

@@ -30,6 +30,7 @@ class ExpertPool:
         self.max_loaded, self.dtype = max_loaded, dtype
         self._loaded: OrderedDict[int, torch.nn.Module] = OrderedDict()
         self.loads = 0  # models read from disk (more than len(paths) means evictions happened)
+        self._configs: list | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,12 +53,18 @@ class ExpertPool:
 
     def context_length(self) -> int:
         """The smallest maximum context of the experts (read from their configs)."""
-        return min(models.context_length(models.load_config(p)) or 1024 for p in self.paths)
+        return min(models.context_length(c) or 1024 for c in self.configs())
+
+    def configs(self) -> list:
+        """The experts' model configs (read once, without loading any weights)."""
+        if self._configs is None:
+            self._configs = [models.load_config(p) for p in self.paths]
+        return self._configs
 
     def vocab_size(self) -> int:
         """The experts' output width (their config's ``vocab_size``; it may exceed the tokenizer's
         length when the vocabulary was padded). Experts of different widths cannot be mixed."""
-        sizes = {int(models.load_config(p).vocab_size) for p in self.paths}
+        sizes = {int(c.vocab_size) for c in self.configs()}
         if len(sizes) != 1:
             raise ValueError(f"the experts' vocabularies differ in size ({sorted(sizes)}): they cannot be mixed")
         return sizes.pop()
