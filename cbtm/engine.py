@@ -327,11 +327,7 @@ class Engine:
     def _route(self, seqs: Sequence[SequenceState]) -> np.ndarray:
         """Weights (B, K) of each sequence's next token, from its whole text so far."""
         ens, B = self.ens, len(seqs)
-        allowed = np.ones((B, self.k), bool)
-        for b, s in enumerate(seqs):
-            if s.params.experts is not None:
-                allowed[b] = False
-                allowed[b, list(s.params.experts)] = True
+        allowed = np.stack([self._allowed(s) for s in seqs])  # (B, K)
         top_k = [self._top_k(s) for s in seqs]
         if ens.kind == "cluster":
             for s, text in zip(seqs, self._texts(seqs)):
@@ -340,8 +336,7 @@ class Engine:
             w = np.zeros((B, self.k), np.float32)
             for key in set(zip((s.params.routing for s in seqs), top_k)):
                 rows = [b for b, s in enumerate(seqs) if (s.params.routing, top_k[b]) == key]
-                router = ens.router if key[0] is None else self._router(key[0])
-                w[rows] = router.weights(emb[rows], allowed[rows], key[1])
+                w[rows] = self._router(key[0]).weights(emb[rows], allowed[rows], key[1])
             return w
         if ens.kind == "uniform":
             logp = np.log(np.tile(ens.prior, (B, 1)))
@@ -357,9 +352,18 @@ class Engine:
             t = self.ens.top_k
         return self.k if t is None or t == _ALL else min(int(t), self.k)
 
-    def _router(self, routing: str):
-        """The ensemble's experts routed by ``routing`` ("distance", or "prefix" when the run has one)."""
-        if routing == self.ens.router.routing:
+    def _allowed(self, seq: SequenceState) -> np.ndarray:
+        """The experts a sequence may use: bool (K,)."""
+        allowed = np.ones(self.k, bool)
+        if seq.params.experts is not None:
+            allowed[:] = False
+            allowed[list(seq.params.experts)] = True
+        return allowed
+
+    def _router(self, routing: str | None):
+        """The ensemble's experts routed by ``routing`` (None: the ensemble's router; "distance"; or
+        "prefix" when the run has one)."""
+        if routing is None or routing == self.ens.router.routing:
             return self.ens.router
         if routing == "distance":
             if self._distance is None:
@@ -377,17 +381,12 @@ class Engine:
         texts = [seq.prefix + t for t in self._decode([ids[:t] for t in range(len(ids) - n + 1, len(ids) + 1)])]
         seq.stream.update(texts[-1])
         top_k = self._top_k(seq)
-        router = ens.router if seq.params.routing is None else self._router(seq.params.routing)
         full = texts[-1]
         if all(full.startswith(t) for t in texts):  # one text, its prefixes embedded incrementally
             emb = ens.router.embedder.prefix_embeddings(full, [len(t) for t in texts])
         else:  # a character split across tokens decodes differently alone: embed each context on its own
             emb = ens.router.embedder.transform(texts)
-        allowed = None
-        if seq.params.experts is not None:
-            allowed = np.zeros((n, self.k), bool)
-            allowed[:, list(seq.params.experts)] = True
-        return router.weights(emb, allowed, top_k)
+        return self._router(seq.params.routing).weights(emb, np.tile(self._allowed(seq), (n, 1)), top_k)
 
     def _forward(self, seqs: Sequence[SequenceState], weights: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Mixture log-probs (n_b, V) after each of the last n_b window tokens of every sequence, given
