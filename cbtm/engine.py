@@ -38,7 +38,7 @@ import torch
 from . import defaults, models, ops
 from .embed import normalise
 from .router import keep_top_k
-from .tokens import start_token_id
+from .tokens import DecodeState, Detokenizer, start_token_id
 
 _ALL = "all"  # SamplingParams.top_k for every expert
 
@@ -138,6 +138,7 @@ class SequenceState:
         self.new: list[int] = []  # generated tokens
         self.text = ""  # their decoded text (up to a stop string)
         self.raw: str | None = None  # their decoded text, as of the last step
+        self.decoded, self.tail_decoded = DecodeState(), DecodeState()  # how far new / tail are decoded
         self.emitted = 0  # characters of text released
         self.experts: dict[int, list] = {}  # expert -> [cache handle, window tokens consumed]
         self.stream, self.gen = stream, gen
@@ -166,7 +167,7 @@ class Engine:
         self.vocab = ensemble.vocab_size
         self.real_vocab = len(self.tok)  # ids past it (a padded vocabulary) are never generated
         self.runner = _StackedRunner(ensemble) if _StackedRunner.usable(ensemble) else _ModelRunner(ensemble)
-        self._decode = _decoder(self.tok)
+        self._decode = Detokenizer(self.tok)
         self.running: dict[int, SequenceState] = {}
         self.waiting: deque[SequenceState] = deque()
         self._ids = itertools.count()
@@ -217,8 +218,7 @@ class Engine:
             for s in seqs:
                 self._slide(s)
             w = self._route(seqs)  # (B, K)
-            logp = torch.cat(self._forward(seqs, [x[None] for x in w]))  # (B, V)
-            events += self._sample(seqs, logp, w)
+            events += self._sample(seqs, *self._next(seqs, w), w)
         return events
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams]) -> list[SequenceState]:
@@ -276,6 +276,7 @@ class Engine:
         twin = SequenceState(next(self._ids), seq.params, seq.prefix, list(seq.tail), self.start,
                          None, None, self.k)
         twin.window, twin.new, twin.text, twin.raw = list(seq.window), list(seq.new), seq.text, seq.raw
+        twin.decoded, twin.tail_decoded = copy.copy(seq.decoded), copy.copy(seq.tail_decoded)
         if seq.tail is seq.new:
             twin.tail = twin.new
         twin.stream = self.ens.router.embedder.stream(seq.stream.text) if seq.stream is not None else None
@@ -321,7 +322,7 @@ class Engine:
         """Each sequence's routing text: its prefix and its decoded tail (text prompts: the generated
         tokens, decoded once per step by ``_sample``)."""
         todo = [s for s in seqs if s.tail is not s.new or s.raw is None]
-        decoded = dict(zip(map(id, todo), self._decode([s.tail for s in todo])))
+        decoded = dict(zip(map(id, todo), self._decode.advance([s.tail_decoded for s in todo], [s.tail for s in todo])))
         return [s.prefix + (decoded[id(s)] if id(s) in decoded else s.raw) for s in seqs]
 
     def _route(self, seqs: Sequence[SequenceState]) -> np.ndarray:
@@ -391,6 +392,31 @@ class Engine:
     def _forward(self, seqs: Sequence[SequenceState], weights: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Mixture log-probs (n_b, V) after each of the last n_b window tokens of every sequence, given
         the routing weights there (n_b, K): every expert routed to runs once for all its rows."""
+        table, idx, logw = self._run(seqs, weights)
+        mixed = self._mix(table, idx, logw)  # (R, V)
+        starts = np.cumsum([0] + [len(w) for w in weights])
+        return [mixed[starts[b]:starts[b + 1]] for b in range(len(seqs))]
+
+    def _next(self, seqs: Sequence[SequenceState], w: np.ndarray) -> tuple[torch.Tensor, np.ndarray, bool]:
+        """Every sequence's next-token scores after its whole window, routed by ``w`` (B, K): values
+        (M, V), the row of each sequence in them (B,), and whether they are log-probs. When every
+        sequence has one expert, the values are those experts' logits as they come (the same argmax
+        and sampling distribution as their log-softmax, which is the mixture): no pass over (B, V)."""
+        table, idx, logw = self._run(seqs, [x[None] for x in w])
+        if len(idx) == 1 and self.ens.kind != "posterior":
+            return table, idx[0], False
+        return self._mix(table, idx, logw), np.arange(len(seqs)), True
+
+    def _mix(self, table: torch.Tensor, idx: np.ndarray, logw: np.ndarray) -> torch.Tensor:
+        """Mixture log-probs (R, V): row r mixes table rows ``idx[:, r]`` with log-weights ``logw[r]``."""
+        dev = self.ens.mix_device
+        return ops.weighted_logsumexp([table.index_select(0, torch.from_numpy(i).to(dev)) for i in idx],
+                                      torch.from_numpy(logw).float().to(dev)).cpu()
+
+    def _run(self, seqs: Sequence[SequenceState], weights: Sequence[np.ndarray]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Run the routed experts: their logits (M, V) at the positions the weights (n_b, K) route to,
+        and how to mix them: ``idx`` (kmax, R) the table rows of each of the R = sum n_b positions
+        (unused: row 0) and ``logw`` (R, kmax) their log-weights (unused: -inf)."""
         segments = []  # (row, expert, window position its cache has reached, stop, first position wanted)
         posterior = self.ens.kind == "posterior"
         if all(len(w) == 1 for w in weights):  # a decode step: each routed expert feeds through the end
@@ -408,7 +434,6 @@ class Engine:
                     segments.append((b, j, handle[1] if handle is not None else 0, end - n + int(last[j]) + 1,
                                      end - n))
         table, base = self.runner.run(seqs, segments)  # (M, V): each segment's wanted positions, from base
-        dev = self.ens.mix_device
         starts = np.cumsum([0] + [len(w) for w in weights])
         R = int(starts[-1])
         routed = np.concatenate([w > 0 for w in weights])  # (R, K)
@@ -440,34 +465,41 @@ class Engine:
         if self.ens.kind == "posterior":
             for (b, j, done, stop, first), row0 in zip(segments, base):
                 seqs[b].last_logits[j] = table[row0 + stop - 1 - first]
-        mixed = ops.weighted_logsumexp([table.index_select(0, torch.from_numpy(i).to(dev)) for i in idx],
-                                       torch.from_numpy(logw).float().to(dev)).cpu()  # (R, V)
-        return [mixed[starts[b]:starts[b + 1]] for b in range(len(seqs))]
+        return table, idx, logw
 
-    def _sample(self, seqs: Sequence[SequenceState], logp: torch.Tensor, w: np.ndarray) -> list[Event]:
-        """Choose each row's next token from its mixture log-probs (B, V); update and retire rows."""
+    def _sample(self, seqs: Sequence[SequenceState], values: torch.Tensor, rows: np.ndarray, normalised: bool,
+                w: np.ndarray) -> list[Event]:
+        """Choose each row's next token from its scores ``values[rows[b]]`` (log-probs when ``normalised``,
+        else one expert's logits, whose log-softmax is the log-probs); update and retire rows. The masks
+        of ids never generated are written into ``values``."""
+        real, V = self.real_vocab, values.shape[1]
+        reported = [b for b, s in enumerate(seqs) if s.params.logprobs is not None]
+        lse = torch.zeros(len(seqs))  # what turns a row's values into log-probs
+        top: dict[int, dict[int, float]] = {}  # the most likely alternatives, before any mask
+        if reported:
+            r = torch.from_numpy(rows[reported])
+            if not normalised:
+                lse[reported] = torch.logsumexp(values[r], -1)
+            for b in reported:
+                if seqs[b].params.logprobs:
+                    t = torch.topk(values[rows[b], :real], seqs[b].params.logprobs)
+                    top[b] = dict(zip(t.indices.tolist(), (t.values - lse[b]).tolist()))
+        if real < V:
+            values[:, real:] = -math.inf  # ids of a padded vocabulary are never generated
         no_eos = [b for b, s in enumerate(seqs) if self.eos is not None
                   and (s.params.ignore_eos or len(s.new) < s.params.min_tokens)]
-        padded = self.real_vocab < logp.shape[1]
-        masked = logp.clone() if padded or no_eos else logp  # the mixture's own values stay in logp
-        if padded:
-            masked[:, self.real_vocab:] = -math.inf  # ids of a padded vocabulary are never generated
         if no_eos:
-            masked[no_eos, self.eos] = -math.inf
-        greedy = torch.argmax(masked, dim=-1).tolist()
+            values[torch.from_numpy(rows[no_eos]), self.eos] = -math.inf
+        best = values.max(dim=-1).indices.tolist()  # the first maximum, as argmax
         events, grown = [], []
         for b, s in enumerate(seqs):
             p = s.params
-            if s.gen is None:
-                tok = greedy[b]
-            else:
-                tok = _sample(masked[b] / p.temperature, p.top_p, s.gen)
+            row = int(rows[b])
+            tok = best[row] if s.gen is None else _sample(values[row] / p.temperature, p.top_p, s.gen)
             ev = Event(s.id, tok, "")
             if p.logprobs is not None:
-                ev.logprob = float(logp[b, tok])
-                if p.logprobs:
-                    top = torch.topk(logp[b, :self.real_vocab], p.logprobs)
-                    ev.top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist()))
+                ev.logprob = float(values[row, tok] - lse[b])
+                ev.top_logprobs = top.get(b)
             if p.return_routing:
                 ev.routing = [(int(j), float(w[b, j])) for j in np.flatnonzero(w[b] > 0)]
             if self.ens.kind == "posterior":
@@ -482,7 +514,7 @@ class Engine:
                 s.window.append(tok)
                 grown.append((s, ev))
             events.append((s, ev))
-        for (s, ev), text in zip(grown, self._decode([s.new for s, _ in grown])):
+        for (s, ev), text in zip(grown, self._decode.advance([s.decoded for s, _ in grown], [s.new for s, _ in grown])):
             s.raw = text
             self._release_text(s, ev)
             if s.finish is None and len(s.new) >= s.params.max_new_tokens:
@@ -519,15 +551,6 @@ class Engine:
         seq.finish = seq.finish or "length"
         self.running.pop(seq.id, None)
         self.runner.release(seq)
-
-
-def _decoder(tok):
-    """id lists -> texts, special tokens dropped: the fast tokenizer's Rust decoder directly when the
-    tokenizer adds no clean-up of its own (the same text, without transformers' per-token checks)."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None and not getattr(tok, "clean_up_tokenization_spaces", False):
-        return lambda batch: backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=True)
-    return lambda batch: tok.batch_decode([list(ids) for ids in batch], skip_special_tokens=True)
 
 
 def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> int:

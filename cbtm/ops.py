@@ -41,6 +41,8 @@ __all__ = [
     "pairwise_sqdist",
     "pairwise_sqdist_ref",
     "cuda_available",
+    "decode_attention",
+    "decode_attention_ref",
     "last_solve_stats",
     "total_cost",
     "weighted_logsumexp",
@@ -371,6 +373,57 @@ def to_numpy(a: Any) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # expert mixture (Triton)
+
+
+def decode_attention(q, k, v, slots, lengths, scale: float):
+    """One decode step of attention over a pool of KV-cache slots: row p's query attends to the first
+    ``lengths[p]`` positions of slot ``slots[p]``, read in place.
+
+    q: (P, Hq, D); k, v: (S, Hk, L, D) of q's dtype (Hq a multiple of Hk: grouped-query attention);
+    slots, lengths: (P,) integers. Returns (P, Hq, D) in q's dtype, computed in float32. CPU tensors
+    run the OpenMP kernel (no gather of the slots); CUDA tensors gather and call PyTorch's SDPA."""
+    if not all(_is_torch(a) for a in (q, k, v, slots, lengths)):
+        raise TypeError("decode_attention takes torch tensors")
+    if q.ndim != 3 or k.ndim != 4 or v.shape != k.shape or q.shape[2] != k.shape[3]:
+        raise ValueError(f"decode_attention: q (P, Hq, D) and k, v (S, Hk, L, D) expected, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"decode_attention: q, k, v must share a float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    P, hq, D = q.shape
+    S, hk, L, _ = k.shape
+    slots, lengths = slots.to(device=q.device, dtype=torch.int64), lengths.to(device=q.device, dtype=torch.int64)
+    if tuple(slots.shape) != (P,) or tuple(lengths.shape) != (P,):
+        raise ValueError(f"decode_attention: slots and lengths must have shape ({P},)")
+    if q.is_cuda:
+        return _decode_attention_torch(q, k, v, slots, lengths, scale)
+    out = torch.empty(P, hq * D, dtype=torch.float32)
+    _cpu_module().decode_attention(q.detach().reshape(P, hq * D).contiguous(), k.detach().view(S * hk * L, D),
+                                   v.detach().view(S * hk * L, D), slots.contiguous(), lengths.contiguous(), hk, L,
+                                   float(scale), out)
+    return out.view(P, hq, D).to(q.dtype)
+
+
+def _decode_attention_torch(q, k, v, slots, lengths, scale: float):
+    """decode_attention with PyTorch ops: the slots gathered, then one masked SDPA call."""
+    end = int(lengths.max())
+    keys, values = k[:, :, :end].index_select(0, slots), v[:, :, :end].index_select(0, slots)
+    mask = torch.arange(end, device=q.device)[None, None, None, :] < lengths[:, None, None, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
+                                                           enable_gqa=k.shape[1] != q.shape[1])
+    return out[:, :, 0]
+
+
+def decode_attention_ref(q, k, v, slots, lengths, scale: float):
+    """Reference for decode_attention: each row on its own, float64, returned in q's dtype."""
+    group = q.shape[1] // k.shape[1]
+    out = []
+    for p in range(q.shape[0]):
+        n, s = int(lengths[p]), int(slots[p])
+        keys = k[s, :, :n].double().repeat_interleave(group, 0)  # (Hq, n, D)
+        values = v[s, :, :n].double().repeat_interleave(group, 0)
+        w = torch.softmax(scale * (keys @ q[p].double()[:, :, None])[..., 0], -1)  # (Hq, n)
+        out.append((w[:, None, :] @ values)[:, 0])
+    return torch.stack(out).to(q.dtype)
 
 
 def weighted_logsumexp(logits, log_weights):

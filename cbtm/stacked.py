@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 CHECK_TOKENS = 12   # tokens of the self-check forward against transformers
 CHECK_ATOL = 1e-3   # its tolerance on the logits (float32; half precision is checked 20x looser)
@@ -279,12 +281,15 @@ class StackedExperts:
         cos, sin = cos[:, None], sin[:, None]
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
         padded = N != P * T
+        decode = slots is not None and T == 1  # one token per segment: attention reads the pool in place
+        end = mask = None
         if slots is not None:
             slots = slots.to(dev)
             end = int((starts + lengths).max())
             self.pool.reserve(end)
-            query_pos = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
-            mask = torch.arange(end, device=dev)[None, None, None, :] <= query_pos[:, None, :, None]  # (P, 1, T, end)
+            if not decode:
+                query_pos = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
+                mask = torch.arange(end, device=dev)[None, None, None, :] <= query_pos[:, None, :, None]  # (P, 1, T, end)
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer["ln1"][tok_expert])
             qkv = grouped_linear(h, layer["qkv"], counts, layer["qkv_b"], offs)
@@ -296,20 +301,32 @@ class StackedExperts:
                 pk, pv = self.pool.k[i], self.pool.v[i]
                 pk[slots[vp], :, positions] = k
                 pv[slots[vp], :, positions] = v
-                keys, values = pk[:, :, :end].index_select(0, slots), pv[:, :, :end].index_select(0, slots)
-            qp = _pad(q, vp, vt, P, T, padded)  # (P, Hq, T, hd)
-            if slots is None:
-                a = F.scaled_dot_product_attention(qp, _pad(k, vp, vt, P, T, padded), _pad(v, vp, vt, P, T, padded),
-                                                   is_causal=True, scale=self.scaling, enable_gqa=hk != hq)
+            if decode:
+                a = ops.decode_attention(q, pk, pv, slots, starts + 1, self.scaling).reshape(N, hq * hd)
             else:
-                a = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=self.scaling,
-                                                   enable_gqa=hk != hq)
-            a = a.transpose(1, 2)[vp, vt] if padded else a.transpose(1, 2).reshape(N, hq, hd)
-            x = x + grouped_linear(a.reshape(N, hq * hd), layer["o"], counts, layer["o_b"], offs)
+                a = self._attend(q, k, v, i, vp, vt, P, T, padded, slots, end, mask)
+            x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs)
             h = self._norm(x, layer["ln2"][tok_expert])
             gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
             x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs)
         return self._norm(x, self.norm[tok_expert])
+
+    def _attend(self, q, k, v, i, vp, vt, P, T, padded, slots, end, mask) -> torch.Tensor:
+        """Attention of packed rows (N, H, hd) of several tokens per segment: (N, Hq * hd). Without slots
+        each segment attends causally to itself; with slots, to its pool slot (written already)."""
+        hq, hk, hd, N = self.heads, self.kv_heads, self.head_dim, len(vp)
+        if slots is not None:
+            pk, pv = self.pool.k[i], self.pool.v[i]
+            keys, values = pk[:, :, :end].index_select(0, slots), pv[:, :, :end].index_select(0, slots)
+        qp = _pad(q, vp, vt, P, T, padded)  # (P, Hq, T, hd)
+        if slots is None:
+            a = F.scaled_dot_product_attention(qp, _pad(k, vp, vt, P, T, padded), _pad(v, vp, vt, P, T, padded),
+                                               is_causal=True, scale=self.scaling, enable_gqa=hk != hq)
+        else:
+            a = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=self.scaling,
+                                               enable_gqa=hk != hq)
+        a = a.transpose(1, 2)[vp, vt] if padded else a.transpose(1, 2).reshape(N, hq, hd)
+        return a.reshape(N, hq * hd)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (P, T, hd) at the positions: the experts' own rotary module, its values for

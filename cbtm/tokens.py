@@ -13,6 +13,7 @@ every expert, every restart and every block length reuses the same cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from collections import Counter
@@ -84,6 +85,54 @@ def start_token_id(tokenizer) -> int:
     if start is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token")
     return int(start)
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """How much of a growing token list :meth:`Detokenizer.advance` has decoded for good: the text of
+    its first ``n`` tokens, which ends on a complete character."""
+
+    text: str = ""
+    n: int = 0
+
+
+class Detokenizer:
+    """Texts of token lists with special tokens dropped, as ``tokenizer.batch_decode`` gives them (the
+    fast tokenizer's Rust decoder directly when the tokenizer adds no clean-up of its own).
+
+    :meth:`advance` decodes lists that grow at their end (generations) at a cost per call that does not
+    grow with their length. That is exact where the decoder is byte-level (GPT-2, Llama 3, Qwen2 and
+    cbtm's own tokenizers): the text is the UTF-8 of the tokens' bytes, so the text of the tokens up to
+    a complete character never changes; only the tokens after it are decoded again. With any other
+    decoder (whose output for a token can depend on its neighbours) each list is decoded in full.
+    """
+
+    def __init__(self, tokenizer):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._batch = lambda b: backend.decode_batch([list(ids) for ids in b], skip_special_tokens=True)
+            self.incremental = type(backend.decoder).__name__ == "ByteLevel"
+        else:
+            self._batch = lambda b: tokenizer.batch_decode([list(ids) for ids in b], skip_special_tokens=True)
+            self.incremental = False
+
+    def __call__(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        return self._batch(batch) if batch else []
+
+    def advance(self, states: Sequence[DecodeState], batch: Sequence[Sequence[int]]) -> list[str]:
+        """The whole text of each list (``states[i]`` belongs to ``batch[i]``, which only ever grew
+        since the last call with that state)."""
+        if not self.incremental:
+            return self(batch)
+        tails = self([ids[st.n:] for st, ids in zip(states, batch)])
+        out = []
+        for st, ids, tail in zip(states, batch, tails):
+            if not tail.endswith("\ufffd"):  # ends on a complete character: final
+                st.text, st.n = st.text + tail, len(ids)
+                out.append(st.text)
+            else:
+                out.append(st.text + tail)
+        return out
 
 
 def _verify_run_tokenizer(path: Path) -> None:

@@ -5,6 +5,7 @@
 
 #include <memory>
 
+#include "attention_cpu.h"
 #include "binding.h"
 #include "centroid_cpu.h"
 #include "distance_cpu.h"
@@ -83,6 +84,34 @@ py::dict balanced_assign(py::handle x, py::handle centers, int64_t capacity, py:
   return cbtm::stats_dict(st, in.px.n);
 }
 
+void decode_attention(py::handle q, py::handle k, py::handle v, py::handle slots, py::handle lengths,
+                      int64_t kv_heads, int64_t length, double scale, py::handle out) {
+  Array qa(q, "q", false), ka(k, "k", false), va(v, "v", false), sa(slots, "slots", false),
+      la(lengths, "lengths", false), oa(out, "out", false);
+  if (!qa.compact() || !ka.compact() || !va.compact()) throw ValueError("q, k and v must be compact");
+  if (qa.dtype != ka.dtype || va.dtype != ka.dtype) throw ValueError("q, k and v must share one dtype");
+  const int64_t P = qa.rows(), D = ka.cols();
+  if (va.rows() != ka.rows() || va.cols() != D) throw ValueError("k and v must have the same shape");
+  if (D < 1 || qa.cols() % D) throw ValueError("q's columns must be a multiple of the head dimension");
+  const int64_t hq = qa.cols() / D;
+  if (kv_heads < 1 || hq % kv_heads) throw ValueError("the query heads must be a multiple of kv_heads");
+  if (length < 1 || ka.rows() % (kv_heads * length)) throw ValueError("k's rows must be slots * kv_heads * length");
+  const int64_t n_slots = ka.rows() / (kv_heads * length);
+  sa.expect(DType::i64);
+  la.expect(DType::i64);
+  if (sa.rows() != P || la.rows() != P || !sa.compact() || !la.compact())
+    throw ValueError("slots and lengths must be compact int64 arrays of shape (P,)");
+  oa.expect_output(DType::f32, P, hq * D);
+  const int64_t *sp = sa.ptr<int64_t>(), *lp = la.ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    if (sp[p] < 0 || sp[p] >= n_slots) throw ValueError("slots must lie in [0, " + std::to_string(n_slots) + ")");
+    if (lp[p] < 1 || lp[p] > length) throw ValueError("lengths must lie in [1, " + std::to_string(length) + "]");
+  }
+  py::gil_scoped_release nogil;
+  cpu::decode_attention(qa.data, ka.data, va.data, qa.dtype, sp, lp, P, hq, kv_heads, length, D, (float)scale,
+                        oa.ptr<float>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -93,6 +122,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("centroid_update", &centroid_update, py::arg("x"), py::arg("labels"), py::arg("sums"), py::arg("counts"));
   m.def("balanced_assign", &balanced_assign, py::arg("x"), py::arg("centers"), py::arg("capacity"), py::arg("prices"),
         py::arg("warm"), py::arg("labels"));
+  m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("slots"),
+        py::arg("lengths"), py::arg("kv_heads"), py::arg("length"), py::arg("scale"), py::arg("out"));
   m.def("num_threads", [] { return omp_get_max_threads(); });
   m.def("cpu_isa", &cpu::isa_name, "instruction set of the distance kernels: avx512, avx2 or generic");
 }

@@ -329,3 +329,38 @@ def test_generation_past_the_context_slides_like_the_reference(llama_run, top_k)
     seqs = Engine(ens).generate(PROMPTS[:2], params)
     assert [s.text for s in seqs] == want and all(len(s.new) == 60 for s in seqs)
     assert len(ens.stacked().pool.free) == ens.stacked().pool.slots
+
+
+def test_detokenizer_advance_equals_full_decode(run):
+    """Growing token lists decoded incrementally give the full decode's text after every step: random
+    ids (arbitrary bytes, invalid UTF-8 included), multi-byte characters split across tokens, special
+    tokens; a decoder that is not byte-level is decoded in full."""
+    from tokenizers import Tokenizer, decoders, models as tok_models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from cbtm.tokens import DecodeState, Detokenizer
+
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    detok = Detokenizer(tok)
+    assert detok.incremental
+    rng = np.random.default_rng(0)
+    text = "naïve café — 😀🎉 日本語 ok " * 3
+    lists = [tok.encode(text), rng.integers(0, len(tok), 300).tolist(),
+             [tok.eos_token_id] + tok.encode("a é 😀") + [tok.eos_token_id] * 2 + tok.encode(" b")]
+    states, grown, held = [DecodeState() for _ in lists], [[] for _ in lists], 0
+    while any(len(g) < len(ids) for g, ids in zip(grown, lists)):
+        for g, ids in zip(grown, lists):
+            g += ids[len(g):len(g) + int(rng.integers(1, 4))]
+        got = detok.advance(states, grown)
+        assert got == tok.batch_decode(grown, skip_special_tokens=True)
+        held += sum(st.n < len(g) for st, g in zip(states, grown))  # a character still incomplete
+    assert held
+
+    wordpiece = Tokenizer(tok_models.WordPiece({"[UNK]": 0, "ab": 1, "##cd": 2, "ef": 3}, unk_token="[UNK]"))
+    wordpiece.decoder = decoders.WordPiece()
+    other = Detokenizer(PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]"))
+    assert not other.incremental
+    state, ids = DecodeState(), []
+    for t in [1, 2, 3, 2, 1]:  # "##cd" joins the token before it: not local, decoded in full
+        ids.append(t)
+        assert other.advance([state], [ids]) == [wordpiece.decode(ids)]

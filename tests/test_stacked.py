@@ -100,6 +100,33 @@ def test_cached_prefill_catch_up_and_decode_in_one_call(arch):
     assert torch.equal(pool.k[0][dst, :, :25], pool.k[0][slots[2], :, :25])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_steps_equal_full_forward(arch, dtype):
+    """Calls of one token per segment (attention read from the pool in place by the decode kernel),
+    after prefills of different lengths, give each expert's full-forward logits at every position."""
+    models = _experts(arch, dtype=dtype)
+    ids = (torch.arange(30) * 11 + 3) % 97
+    with torch.no_grad():
+        want = [m(input_ids=ids[None]).logits[0].float() for m in models]
+    st = StackedExperts.build(models)
+    pool = st.new_pool(64)
+    slots = torch.tensor([pool.take() for _ in range(3)])
+    n = torch.tensor([5, 12, 1])  # positions each expert's slot holds after the prefill
+    batch = torch.zeros(3, 12, dtype=torch.long)
+    for j in range(3):
+        batch[j, :n[j]] = ids[:n[j]]
+    tol = 1e-5 if dtype == torch.float32 else 0.1
+    with torch.no_grad():
+        st.forward(batch, torch.arange(3), torch.zeros(3, dtype=torch.long), n, slots)
+        for _ in range(10):
+            h = st.forward(ids[n][:, None], torch.arange(3), n, torch.ones(3, dtype=torch.long), slots)
+            got = st.logits(h, [1, 1, 1]).float()
+            for j in range(3):
+                assert torch.allclose(got[j], want[j][n[j]], atol=tol), (j, int(n[j]))
+            n = n + 1
+
+
 def test_half_precision_and_refusals():
     bf = StackedExperts.build(_experts("llama", dtype=torch.bfloat16))
     assert bf is not None and bf.dtype == torch.bfloat16
@@ -112,3 +139,75 @@ def test_half_precision_and_refusals():
     pool = KVPool(1, 2, 4, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="context"):
         pool.reserve(9)
+
+
+# ---- decode attention over the KV pool (ops.decode_attention, the CPU kernel) -------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("P,hq,hk,L,D", [(1, 1, 1, 1, 1), (5, 4, 2, 20, 32), (33, 6, 3, 17, 7), (64, 8, 1, 130, 64),
+                                         (3, 12, 12, 9, 128)])
+def test_decode_attention_matches_ref(P, hq, hk, L, D, dtype):
+    """The kernel against the float64 per-row reference: random slots (repeats allowed), lengths from 1
+    to the whole slot, grouped-query heads, awkward head sizes; and the PyTorch gather + SDPA path."""
+    from cbtm import ops
+
+    g = torch.Generator().manual_seed(P * 1000 + D)
+    S = P + 3
+    q = (torch.randn(P, hq, D, generator=g) * 2).to(dtype)
+    k = (torch.randn(S, hk, L, D, generator=g) * 2).to(dtype)
+    v = torch.randn(S, hk, L, D, generator=g).to(dtype)
+    slots = torch.randint(0, S, (P,), generator=g)
+    lengths = torch.randint(1, L + 1, (P,), generator=g)
+    lengths[0] = L
+    scale = D ** -0.5
+    want = ops.decode_attention_ref(q, k, v, slots, lengths, scale).double()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]  # float32 sums of 130 terms
+    got = ops.decode_attention(q, k, v, slots, lengths, scale)
+    assert got.dtype == dtype and got.shape == (P, hq, D)
+    assert (got.double() - want).abs().max() <= tol
+    torch_path = ops._decode_attention_torch(q, k, v, slots, lengths, scale)
+    assert (torch_path.double() - want).abs().max() <= tol
+
+
+def test_decode_attention_reads_only_the_slot_prefix():
+    """Positions past a row's length and other slots never leak in: poisoning them changes nothing."""
+    from cbtm import ops
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(4, 2, 8, generator=g), torch.randn(6, 2, 10, 8, generator=g), torch.randn(6, 2, 10, 8, generator=g)
+    slots, lengths = torch.tensor([5, 0, 2, 5]), torch.tensor([3, 10, 1, 7])
+    before = ops.decode_attention(q, k, v, slots, lengths, 0.3)
+    k2, v2 = k.clone(), v.clone()
+    for s in (1, 3, 4):
+        k2[s], v2[s] = 1e4, float("nan")
+    k2[5, :, 7:], v2[5, :, 7:] = 1e4, float("nan")
+    k2[2, :, 1:], v2[2, :, 1:] = 1e4, float("nan")
+    assert torch.equal(ops.decode_attention(q, k2, v2, slots, lengths, 0.3), before)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("slot", r"slots must lie in \[0, 6\)"), ("length0", r"lengths must lie in \[1, 10\]"),
+    ("length_big", r"lengths must lie in \[1, 10\]"), ("dtype", "share a float dtype"), ("heads", "multiple of kv_heads"),
+    ("shape", "q \\(P, Hq, D\\)"), ("rows", r"shape \(4,\)")])
+def test_decode_attention_bad_input(case, match):
+    from cbtm import ops
+
+    q, k, v = torch.randn(4, 2, 8), torch.randn(6, 2, 10, 8), torch.randn(6, 2, 10, 8)
+    slots, lengths = torch.tensor([5, 0, 2, 5]), torch.tensor([3, 10, 1, 7])
+    if case == "slot":
+        slots[1] = 6
+    elif case == "length0":
+        lengths[2] = 0
+    elif case == "length_big":
+        lengths[2] = 11
+    elif case == "dtype":
+        q = q.double()
+    elif case == "heads":
+        q = torch.randn(4, 3, 8)
+    elif case == "shape":
+        q = q[:, :, :4]
+    elif case == "rows":
+        slots = slots[:3]
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.decode_attention(q, k, v, slots, lengths, 0.3)
