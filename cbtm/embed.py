@@ -324,19 +324,25 @@ class TextStream:
     def __init__(self, embedder: TfidfEmbedder, text: str = ""):
         self.embedder = embedder
         self.text, self.closed = "", 0  # chunks of text[:closed] are summed in self.base
-        self.base = np.zeros(embedder.n_components)
+        self.base, self.partial = np.zeros(embedder.n_components), None  # partial: of text[closed:]
         self.update(text)
 
     def update(self, text: str) -> None:
-        if not text.startswith(self.text):
-            self.closed, self.base = 0, np.zeros(self.embedder.n_components)
-        self.text = text
+        extends = text.startswith(self.text)
+        if not extends:
+            self.closed, self.base, self.partial = 0, np.zeros(self.embedder.n_components), None
+        prev, self.text = len(self.text), text
         if text[-1:].isspace():
             cut = len(text)
         else:  # after the last whitespace (str.split's whitespace is str.isspace's)
             cut = max(self.closed, len(text) - len(text.rsplit(None, 1)[-1]) if text else 0)
         if cut > self.closed:
-            ids = self.embedder._ids(text[self.closed:cut])
+            start = self.closed
+            if extends and start < prev < cut and text[prev].isspace():  # the last partial chunk ended as it was
+                if self.partial is not None:
+                    self.base = self.base + self.partial
+                start = prev
+            ids = self.embedder._ids(text[start:cut]) if not text[start:cut].isspace() else None
             if ids:
                 self.base = self.base + self.embedder._vec[ids].sum(0)
             self.closed = cut

@@ -115,6 +115,7 @@ class Detokenizer:
         else:
             self._batch = lambda b: tokenizer.batch_decode([list(ids) for ids in b], skip_special_tokens=True)
             self.incremental = False
+        self._pieces: dict[int, str] = {}  # token id -> its text alone
 
     def __call__(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return self._batch(batch) if batch else []
@@ -124,15 +125,29 @@ class Detokenizer:
         since the last call with that state)."""
         if not self.incremental:
             return self(batch)
-        tails = self([ids[st.n:] for st, ids in zip(states, batch)])
-        out = []
-        for st, ids, tail in zip(states, batch, tails):
+        out: list[str | None] = [None] * len(batch)
+        for i, (st, ids) in enumerate(zip(states, batch)):  # one token after a final text: its own text
+            if len(ids) == st.n + 1:
+                piece = self._piece(ids[-1])
+                if piece is not None:
+                    st.text, st.n = st.text + piece, st.n + 1
+                    out[i] = st.text
+        todo = [i for i, text in enumerate(out) if text is None]
+        for i, tail in zip(todo, self([batch[i][states[i].n:] for i in todo])):
+            st = states[i]
             if not tail.endswith("\ufffd"):  # ends on a complete character: final
-                st.text, st.n = st.text + tail, len(ids)
-                out.append(st.text)
+                st.text, st.n = st.text + tail, len(batch[i])
+                out[i] = st.text
             else:
-                out.append(st.text + tail)
+                out[i] = st.text + tail
         return out
+
+    def _piece(self, token: int) -> str | None:
+        """A token's text alone, or None when its bytes are not whole characters."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self([[token]])[0]
+        return None if "\ufffd" in piece else piece
 
 
 def _verify_run_tokenizer(path: Path) -> None:

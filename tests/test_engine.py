@@ -2,6 +2,7 @@
 greedy tokens and mixture log-probs, for every routing kind and top-k, on the stacked and the generic
 expert paths, whatever else is in the batch."""
 
+import re
 import shutil
 
 import numpy as np
@@ -192,10 +193,13 @@ def test_text_stream_equals_transform(run):
 
     emb = Router.load(run).embedder
     text = "The Quick brown fox's 3rd jump\tover  the lazy dog.\n\nΣίσυφος ΟΔΟΣ running 42 times naïve café"
-    stream = emb.stream()
-    for cut in list(range(0, len(text), 3)) + [len(text)]:
-        stream.update(text[:cut])
-        assert np.allclose(normalise(stream.vector()[None]), emb.transform([text[:cut]]), atol=1e-6), cut
+    rng = np.random.default_rng(0)
+    words = [m.start() for m in re.finditer(r"\s+", text)]  # growth by whole words, as tokens bring them
+    for cuts in (list(range(0, len(text), 3)), words, np.cumsum(rng.integers(1, 7, len(text))).tolist()):
+        stream = emb.stream()
+        for cut in [c for c in cuts if c < len(text)] + [len(text)]:
+            stream.update(text[:cut])
+            assert np.allclose(normalise(stream.vector()[None]), emb.transform([text[:cut]]), atol=1e-6), cut
     stream.update("something else entirely")  # not an extension: embedded afresh
     assert np.allclose(normalise(stream.vector()[None]), emb.transform(["something else entirely"]), atol=1e-6)
 
