@@ -31,6 +31,7 @@ SERVE_MAX_TOKENS = 4096    # largest `max_tokens` a server accepts per completio
 SERVE_DEFAULT_MAX_TOKENS = 16    # `max_tokens` when a request leaves it out (OpenAI's default)
 SERVE_MAX_BODY = 1 << 20   # largest request body in bytes (larger: 413)
 SERVE_GRACE = 30.0         # seconds in-flight requests get to finish after SIGTERM
+SERVE_ENGINE_START = 600.0   # seconds `cbtm serve`'s engine process may take to load a run
 SERVE_TOP_TERMS = 8        # tf-idf terms shown per cluster on the server's page
 SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # dtypes a trained or merged model can be saved in
 SAVE_DTYPE = "auto"        # "auto": the dtype the model's weights came in (a seed checkpoint's, or float32 when fresh)

@@ -3,11 +3,12 @@
     app = create_app(Ensemble.load(run, top_k=2), model_name="demo")   # a FastAPI app
     serve(run, host="127.0.0.1", port=8000)                            # load, then run it with uvicorn
 
-One thread (:class:`DecodeLoop`) owns the :class:`~cbtm.engine.Engine` and steps it while any sequence
-is live: requests join the running batch at the next step and leave when done. HTTP handlers validate
-a request, hand its sequences to that thread through a thread-safe queue and receive their
-:class:`~cbtm.engine.Event` through a per-request asyncio queue; they never block the event loop on
-decoding. Endpoints: ``POST /v1/completions`` (streamed as server-sent events when asked),
+One decode loop owns the :class:`~cbtm.engine.Engine` and steps it while any sequence is live:
+requests join the running batch at the next step and leave when done. ``cbtm serve`` runs it in a
+process of its own (:class:`EngineProcess`: the engine's Python and the HTTP side's never wait for one
+GIL); an app made from an ensemble object runs it in a thread (:class:`DecodeLoop`). HTTP handlers
+validate a request, hand its sequences to the loop and receive their :class:`~cbtm.engine.Event`
+through a per-request asyncio queue; they never block the event loop on decoding. Endpoints: ``POST /v1/completions`` (streamed as server-sent events when asked),
 ``GET /v1/models``, ``GET /v1/experts`` (each cluster's top tf-idf terms), ``GET /health``,
 ``GET /metrics`` (Prometheus) and ``GET /`` (a page that streams a continuation coloured by expert).
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
@@ -302,8 +303,15 @@ class DecodeLoop:
             job.put("error", (status, message, None))
         self._jobs.clear()
 
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.engine.waiting)
+
     def _step(self) -> None:
-        m = self.metrics
         t0 = time.perf_counter()
         try:
             events = self.engine.step()
@@ -312,32 +320,247 @@ class DecodeLoop:
             self._fail_all(500, f"internal error while decoding: {type(e).__name__}: {e}")
             return
         self.steps += 1
-        if m is not None:
-            m.step_seconds.observe(time.perf_counter() - t0)
-            m.batch_size.observe(len(events))
-            m.running.set(len(self.engine.running))
-            m.queue_depth.set(len(self.engine.waiting))
-            counts = np.zeros(len(m.expert_tokens), np.int64)
-            tokens = 0
-        deliveries: dict = {}  # event loop -> [(job, event)]: one wake-up per loop and step
-        for ev in events:
-            if m is not None and ev.token is not None:
-                tokens += 1
-                for j, _ in ev.routing or ():
-                    counts[j] += 1
-            job = self._jobs.get(ev.seq_id)
-            if job is None:
+        _record_step(self.metrics, events, time.perf_counter() - t0, self.running, self.waiting)
+        _dispatch(self._jobs, events)
+
+
+def _record_step(m, events, seconds: float, running: int, waiting: int) -> None:
+    """One decode step in the Prometheus metrics (nothing when ``m`` is None)."""
+    if m is None:
+        return
+    m.step_seconds.observe(seconds)
+    m.batch_size.observe(len(events))
+    m.running.set(running)
+    m.queue_depth.set(waiting)
+    counts = np.zeros(len(m.expert_tokens), np.int64)
+    tokens = 0
+    for ev in events:
+        if ev.token is not None:
+            tokens += 1
+            for j, _ in ev.routing or ():
+                counts[j] += 1
+    m.generation_tokens.inc(tokens)
+    for j in np.flatnonzero(counts):
+        m.expert_tokens[j].inc(int(counts[j]))
+
+
+def _dispatch(jobs: dict, events) -> None:
+    """Each event to its job (``jobs``: seq_id -> Job), one event-loop wake-up per loop and step;
+    finished jobs leave ``jobs``."""
+    deliveries: dict = {}  # event loop -> [(job, event)]
+    for ev in events:
+        job = jobs.get(ev.seq_id)
+        if job is None:
+            continue
+        if ev.finish_reason is not None:
+            del jobs[ev.seq_id]
+        deliveries.setdefault(job.loop, []).append((job, ev))
+    for loop, items in deliveries.items():
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening
+            loop.call_soon_threadsafe(_deliver, items)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the engine in a process of its own
+
+
+class EngineProcess:
+    """The decode loop of :class:`DecodeLoop` in a process of its own (``cbtm serve``'s default): the
+    engine and the HTTP handlers never wait for each other's Python (one GIL each), as vLLM's engine
+    core runs apart from its API server. Same interface as :class:`DecodeLoop`. The process loads the
+    run itself (``options``: :func:`load_ensemble`'s arguments, ``max_batch``, ``seed``, ``threads``);
+    requests and each step's events cross one pipe as JSON. The process ignores SIGINT and SIGTERM (the
+    server drains first, then sends "stop") and exits when the pipe closes.
+    """
+
+    def __init__(self, run, options: dict, metrics=None):
+        import multiprocessing
+
+        self.metrics = metrics
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_engine_main, args=(child, str(run), dict(options)), name="cbtm-engine",
+                                 daemon=True)
+        self._child = child
+        self._send_lock = threading.Lock()
+        self._jobs: dict[int, Job] = {}  # job key -> job (only the reader thread removes)
+        self._keys = iter(range(1 << 62))
+        self._reader = threading.Thread(target=self._read, name="cbtm-engine-reader", daemon=True)
+        self.steps = self.running = self.waiting = 0
+
+    def start(self, timeout: float = defaults.SERVE_ENGINE_START) -> None:
+        """Start the process and wait until it has loaded the run (a RuntimeError naming why it could not)."""
+        if self._proc.is_alive() or self._reader.is_alive():
+            return
+        self._proc.start()
+        self._child.close()
+        if not self._conn.poll(timeout):
+            self._proc.kill()
+            raise RuntimeError(f"the engine process did not load the run in {timeout:g} s")
+        try:
+            msg = json.loads(self._conn.recv_bytes())
+        except EOFError:
+            raise RuntimeError(f"the engine process exited ({self._proc.exitcode}) while loading the run") from None
+        if "failed" in msg:
+            self._proc.join(10)
+            raise RuntimeError(f"the engine process could not load the run: {msg['failed']}")
+        self._reader.start()
+
+    def submit(self, job: "Job") -> None:
+        job.seq_id = next(self._keys)
+        self._jobs[job.seq_id] = job
+        params = {f: getattr(job.params, f) for f in job.params.__dataclass_fields__}
+        prompt = job.prompt if isinstance(job.prompt, str) else [int(t) for t in job.prompt]
+        if not self._send({"op": "add", "key": job.seq_id, "prompt": prompt, "params": params}):
+            self._jobs.pop(job.seq_id, None)
+            job.put("error", (503, "the decode loop stopped", None))
+
+    def cancel(self, job: "Job") -> None:
+        if job.seq_id is not None:
+            self._send({"op": "abort", "key": job.seq_id})
+
+    def close(self, timeout: float | None = None) -> None:
+        """Fail what is still live (503), stop the process (killed after ``timeout``) and the reader."""
+        if self._proc.pid is None:
+            return
+        self._send({"op": "stop"})
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._reader.join(timeout)
+        self._conn.close()
+        self._fail_all(503, "the server is shutting down")
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.is_alive() and self._reader.is_alive()
+
+    def _send(self, msg: dict) -> bool:
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(json.dumps(msg).encode())
+            return True
+        except (OSError, ValueError):  # the process is gone or the pipe closed
+            return False
+
+    def _fail_all(self, status: int, message: str) -> None:
+        for key in list(self._jobs):
+            job = self._jobs.pop(key, None)
+            if job is not None:
+                job.put("error", (status, message, None))
+
+    def _read(self) -> None:
+        from .engine import Event
+
+        while True:
+            try:
+                msg = json.loads(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                self._fail_all(500, "the engine process exited")
+                return
+            if "step" in msg:
+                step = msg["step"]
+                events = [Event(key, token, text, logprob, None if top is None else {int(t): v for t, v in top},
+                                None if routing is None else [tuple(r) for r in routing], finish)
+                          for key, token, text, logprob, top, routing, finish in step["events"]]
+                self.steps += 1
+                self.running, self.waiting = step["running"], step["waiting"]
+                _record_step(self.metrics, events, step["seconds"], self.running, self.waiting)
+                _dispatch(self._jobs, events)
+            elif "state" in msg:
+                self.running, self.waiting = msg["state"]["running"], msg["state"]["waiting"]
+                if self.metrics is not None:
+                    self.metrics.running.set(self.running)
+                    self.metrics.queue_depth.set(self.waiting)
+            elif "added" in msg:
+                job = self._jobs.get(msg["added"])
+                if job is not None:
+                    job.put("added", None)
+            elif "error" in msg:
+                key, status, message, param = msg["error"]
+                job = self._jobs.pop(key, None)
+                if job is not None:
+                    job.put("error", (status, message, param))
+
+
+def _engine_main(conn, run: str, options: dict) -> None:
+    """The engine process: load the run, then admit, step and report until "stop" or the pipe closes."""
+    import torch
+
+    from .engine import SamplingParams
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    torch.set_num_threads(options.pop("threads"))
+    max_batch, seed = options.pop("max_batch"), options.pop("seed")
+    try:
+        engine = load_ensemble(run, **options).engine(max_batch=max_batch, seed=seed)
+    except Exception as e:  # noqa: BLE001 - reported to the server, which exits naming it
+        conn.send_bytes(json.dumps({"failed": f"{type(e).__name__}: {e}"}).encode())
+        return
+    send = lambda msg: conn.send_bytes(json.dumps(msg).encode())  # noqa: E731
+    send({"ready": True})
+    keys: dict[int, int] = {}  # seq id -> job key
+    sids: dict[int, int] = {}  # job key -> seq id (stale entries of finished sequences are harmless)
+
+    def fail_all(status: int, message: str) -> None:
+        for sid, key in list(keys.items()):
+            with contextlib.suppress(Exception):
+                engine.abort(sid)
+            send({"error": [key, status, message, None]})
+        keys.clear()
+        sids.clear()
+
+    try:
+        while True:
+            while conn.poll(0 if engine.has_work() else None):
+                msg = json.loads(conn.recv_bytes())
+                if msg["op"] == "stop":
+                    fail_all(503, "the server is shutting down")
+                    return
+                key = msg["key"]
+                if msg["op"] == "add":
+                    try:
+                        sid = engine.add(msg["prompt"], SamplingParams(**msg["params"]))
+                        keys[sid], sids[key] = key, sid
+                    except (ValueError, TypeError, OverflowError) as e:
+                        send({"error": [key, 400, f"prompt: {e}", "prompt"]})
+                    except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
+                        log.error("adding a request failed:\n%s", traceback.format_exc())
+                        send({"error": [key, 500, f"internal error: {type(e).__name__}: {e}", None]})
+                    else:
+                        send({"added": key})
+                else:  # abort
+                    sid = sids.pop(key, None)
+                    if sid is not None and keys.pop(sid, None) is not None:
+                        with contextlib.suppress(Exception):
+                            engine.abort(sid)
+                        if not engine.has_work():  # no step will report the batch emptied
+                            send({"state": {"running": 0, "waiting": 0}})
+            if not engine.has_work():
                 continue
-            if ev.finish_reason is not None:
-                del self._jobs[ev.seq_id]
-            deliveries.setdefault(job.loop, []).append((job, ev))
-        for loop, items in deliveries.items():
-            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening
-                loop.call_soon_threadsafe(_deliver, items)
-        if m is not None:
-            m.generation_tokens.inc(tokens)
-            for j in np.flatnonzero(counts):
-                m.expert_tokens[j].inc(int(counts[j]))
+            t0 = time.perf_counter()
+            try:
+                events = engine.step()
+            except Exception as e:  # noqa: BLE001
+                log.error("a decode step failed; its sequences fail:\n%s", traceback.format_exc())
+                fail_all(500, f"internal error while decoding: {type(e).__name__}: {e}")
+                continue
+            out = []
+            for ev in events:
+                key = keys.get(ev.seq_id)
+                if key is None:
+                    continue
+                if ev.finish_reason is not None:
+                    del keys[ev.seq_id]
+                    sids.pop(key, None)
+                top = None if ev.top_logprobs is None else list(ev.top_logprobs.items())
+                out.append([key, ev.token, ev.text, ev.logprob, top, ev.routing, ev.finish_reason])
+            send({"step": {"seconds": time.perf_counter() - t0, "running": len(engine.running),
+                           "waiting": len(engine.waiting), "events": out}})
+    except (EOFError, OSError, BrokenPipeError):  # the server is gone
+        return
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -400,13 +623,14 @@ def _sse(obj) -> str:
 class _State:
     """What the handlers share (all touched from the event loop's thread only, except ``decode``)."""
 
-    def __init__(self, ensemble, engine, model_name, max_batch, max_queue, max_prompt_tokens, max_tokens_limit):
-        self.ens, self.engine, self.model = ensemble, engine, model_name
+    def __init__(self, ensemble, decode, model_name, max_batch, max_queue, max_prompt_tokens, max_tokens_limit):
+        self.ens, self.model = ensemble, model_name
         self.capacity = max_batch + max_queue
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self.live = 0  # sequences accepted and not yet finished
         self.metrics = Metrics(ensemble.n_experts)
-        self.decode = DecodeLoop(engine, self.metrics)
+        self.decode = decode
+        decode.metrics = self.metrics
         router = ensemble.router if ensemble.kind == "cluster" else None
         self.routing = router.routing if router is not None else None
         self.prefix_router = router is not None and router.routing == "prefix"
@@ -418,9 +642,11 @@ class _State:
 
 def create_app(ensemble, model_name: str = "cbtm", max_batch: int = defaults.MAX_BATCH,
                max_queue: int = defaults.SERVE_MAX_QUEUE, max_prompt_tokens: int = defaults.SERVE_MAX_PROMPT_TOKENS,
-               max_tokens_limit: int = defaults.SERVE_MAX_TOKENS, seed: int = 0):
+               max_tokens_limit: int = defaults.SERVE_MAX_TOKENS, seed: int = 0, engine: "EngineProcess | None" = None):
     """A FastAPI app serving an :class:`~cbtm.ensemble.Ensemble` (its decode thread runs while the app's
-    lifespan does). ``max_batch`` sequences decode together; ``max_queue`` more may wait (beyond: 429)."""
+    lifespan does). ``max_batch`` sequences decode together; ``max_queue`` more may wait (beyond: 429).
+    ``engine``: decode in that :class:`EngineProcess` (which loads the same run) instead of a thread of
+    this process; the ensemble then only answers questions about the model (its experts never load here)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from fastapi import FastAPI, Request
@@ -431,8 +657,8 @@ def create_app(ensemble, model_name: str = "cbtm", max_batch: int = defaults.MAX
                          ("max_prompt_tokens", max_prompt_tokens, 1), ("max_tokens_limit", max_tokens_limit, 1)):
         if not _is_int(v) or v < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    engine = ensemble.engine(max_batch=max_batch, seed=seed)
-    st = _State(ensemble, engine, model_name, max_batch, max_queue, max_prompt_tokens, max_tokens_limit)
+    decode = engine if engine is not None else DecodeLoop(ensemble.engine(max_batch=max_batch, seed=seed))
+    st = _State(ensemble, decode, model_name, max_batch, max_queue, max_prompt_tokens, max_tokens_limit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -472,7 +698,7 @@ def create_app(ensemble, model_name: str = "cbtm", max_batch: int = defaults.MAX
     async def health():
         if st.closing or not st.decode.alive:
             return error(ApiError(503, "the server is shutting down" if st.closing else "the decode loop stopped"))
-        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting), "live": st.live}
+        return {"status": "ok", "running": st.decode.running, "waiting": st.decode.waiting, "live": st.live}
 
     @app.get("/metrics")
     async def metrics():
@@ -807,17 +1033,19 @@ def serve(run, host: str = defaults.SERVE_HOST, port: int = defaults.SERVE_PORT,
           model_name: str | None = None, routing: str = defaults.ROUTING, log_level: str = "info",
           threads: int | None = None) -> None:
     """Load a run and serve it with uvicorn until SIGTERM / SIGINT: then stop accepting, give in-flight
-    requests ``grace`` seconds to finish, and return (the process exits 0). ``threads``: torch's CPU
-    threads for this process (default: one core fewer than the machine has, at least 1)."""
-    import torch
+    requests ``grace`` seconds to finish, and return (the process exits 0). The engine decodes in an
+    :class:`EngineProcess`; ``threads``: torch's CPU threads there (default: one core fewer than the
+    machine has, at least 1, leaving one to the HTTP side)."""
     import uvicorn
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-
-    ens = load_ensemble(run, top_k, device, max_loaded, routing)
+    ens = load_ensemble(run, top_k, device, max_loaded, routing)  # the model's description; no expert loads here
     name = model_name or Path(run).resolve().name
+    engine = EngineProcess(run, {"top_k": top_k, "device": device, "max_loaded": max_loaded, "routing": routing,
+                                 "max_batch": max_batch, "seed": 0,
+                                 "threads": threads or max(1, (os.cpu_count() or 2) - 1)})
+    engine.start()
     app = create_app(ens, name, max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
-                     max_tokens_limit=max_tokens_limit)
+                     max_tokens_limit=max_tokens_limit, engine=engine)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace,
                             access_log=False)
     server = uvicorn.Server(config)

@@ -265,7 +265,7 @@ def test_disconnect_frees_the_slot(server):
 
 
 def test_a_failing_request_fails_alone(server, client, monkeypatch):
-    engine = server.app.state.cbtm.engine
+    engine = server.app.state.cbtm.decode.engine
     add, step = engine.add, engine.step
 
     def bad_add(prompt, params):
@@ -329,6 +329,52 @@ def test_hostile_requests_then_still_serving(server, client):
     _wait_idle(server)
     r = client.completions.create(model=MODEL, prompt="Once", max_tokens=5, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 5
+
+
+def test_engine_process_serves_the_same_and_fails_cleanly(llama_run, tmp_path):
+    """cbtm serve's engine in a process of its own: concurrent greedy requests get Ensemble.generate's
+    text, streamed log-probs and routing cross the pipe, a disconnect frees the slot, the experts never
+    load in the server's process; a run the process cannot load is a RuntimeError naming why; a killed
+    engine process fails the request in flight (500) and /health turns 503."""
+    from cbtm.server import EngineProcess
+
+    want = Ensemble.load(llama_run, top_k=2).generate(PROMPTS[:4], max_new_tokens=10, temperature=0)
+    options = {"top_k": 2, "device": "cpu", "max_loaded": None, "routing": "auto", "max_batch": 8, "seed": 0,
+               "threads": 1}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        engine = EngineProcess(llama_run, options)
+        engine.start()
+        ens = load_ensemble(llama_run, top_k=2)
+        with ThreadServer(create_app(ens, MODEL, max_batch=8, engine=engine)) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(lambda q: c.completions.create(model=MODEL, prompt=q, max_tokens=10,
+                                                                   temperature=0).choices[0].text, PROMPTS[:4]))
+            assert got == want
+            assert ens.pool.loads == 0  # the experts live in the engine process only
+            r = c.completions.create(model=MODEL, prompt="Once", max_tokens=4, temperature=0, logprobs=2,
+                                     extra_body={"return_routing": True, "ignore_eos": True})
+            lp = r.choices[0].logprobs
+            assert len(lp.token_logprobs) == 4 and all(len(t) == 2 for t in lp.top_logprobs)
+            assert all(x <= 0 for x in lp.token_logprobs)
+            body = {"model": MODEL, "prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as s:
+                lines = s.iter_lines()
+                assert any(next(lines).startswith("data: {") for _ in range(4))
+            _wait_idle(srv)
+            assert engine.steps > 0 and engine.alive
+            body["stream"] = False
+            with ThreadPoolExecutor(1) as pool:
+                inflight = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=60)
+                while httpx.get(srv.url + "/health").json()["running"] < 1:
+                    time.sleep(0.01)
+                engine._proc.kill()
+                assert inflight.result().status_code == 500
+            assert httpx.get(srv.url + "/health").status_code == 503
+    (tmp_path / "run").mkdir()
+    with pytest.raises(RuntimeError, match="could not load the run: .*"):
+        EngineProcess(tmp_path / "run", options).start()
 
 
 def test_queue_full_then_sigterm_finishes_in_flight(llama_run):
