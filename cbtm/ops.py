@@ -43,6 +43,10 @@ __all__ = [
     "cuda_available",
     "decode_attention",
     "decode_attention_ref",
+    "grouped_rms_norm",
+    "grouped_rms_norm_ref",
+    "rotary_",
+    "rotary_ref",
     "last_solve_stats",
     "total_cost",
     "weighted_logsumexp",
@@ -424,6 +428,61 @@ def decode_attention_ref(q, k, v, slots, lengths, scale: float):
         w = torch.softmax(scale * (keys @ q[p].double()[:, :, None])[..., 0], -1)  # (Hq, n)
         out.append((w[:, None, :] @ values)[:, 0])
     return torch.stack(out).to(q.dtype)
+
+
+def grouped_rms_norm(x, weight, expert, eps: float):
+    """RMSNorm of every row with its own expert's weight: ``weight[expert[n]] * x[n] / rms(x[n])``.
+    x: (N, D); weight: (K, D) of x's dtype; expert: (N,) integers. Float32 CPU tensors (without grad)
+    run one OpenMP kernel (PyTorch runs RMSNorm as several ops); anything else :func:`grouped_rms_norm_ref`."""
+    if not all(_is_torch(a) for a in (x, weight, expert)):
+        raise TypeError("grouped_rms_norm takes torch tensors")
+    if x.ndim != 2 or weight.ndim != 2 or weight.shape[1] != x.shape[1] or tuple(expert.shape) != (x.shape[0],):
+        raise ValueError(f"grouped_rms_norm: x (N, D), weight (K, D), expert (N,) expected, got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(expert.shape)}")
+    if x.is_cuda or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.requires_grad or weight.requires_grad:
+        return grouped_rms_norm_ref(x, weight, expert, eps)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _cpu_module().grouped_rms_norm(x.detach().contiguous(), weight.detach().contiguous(),
+                                   expert.to(torch.int64).contiguous(), float(eps), out)
+    return out
+
+
+def grouped_rms_norm_ref(x, weight, expert, eps: float):
+    """grouped_rms_norm as transformers' Llama RMSNorm computes it (in float32, then x's dtype; one fused
+    op where torch has ``rms_norm``)."""
+    xf = x.float()
+    if hasattr(torch.nn.functional, "rms_norm"):
+        normed = torch.nn.functional.rms_norm(xf, xf.shape[-1:], eps=eps)
+    else:
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight[expert] * normed.to(x.dtype)
+
+
+def rotary_(x, cos, sin):
+    """Rotary positions in place: every head of row n becomes ``x * cos[n] + rotate_half(x) * sin[n]``.
+    x: (N, H, D) with unit stride over D and H; cos, sin: (N, D). Float32 CPU tensors run one OpenMP
+    kernel; anything else :func:`rotary_ref`, written back. Returns x."""
+    if not all(_is_torch(a) for a in (x, cos, sin)):
+        raise TypeError("rotary_ takes torch tensors")
+    if x.ndim != 3 or cos.shape != (x.shape[0], x.shape[2]) or sin.shape != cos.shape:
+        raise ValueError(f"rotary_: x (N, H, D), cos and sin (N, D) expected, got {tuple(x.shape)}, "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
+    fast = (not x.is_cuda and x.dtype == cos.dtype == sin.dtype == torch.float32 and x.stride(2) == 1
+            and x.stride(1) == x.shape[2] and not x.requires_grad)
+    if not fast:
+        x.copy_(rotary_ref(x, cos, sin))
+        return x
+    _cpu_module().rotary(x.detach().view(x.shape[0], -1) if x.is_contiguous() else
+                         x.detach().as_strided((x.shape[0], x.shape[1] * x.shape[2]), (x.stride(0), 1)),
+                         cos.contiguous(), sin.contiguous(), x.shape[1])
+    return x
+
+
+def rotary_ref(x, cos, sin):
+    """rotary_ as transformers computes it (``apply_rotary_pos_emb``), out of place."""
+    h = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
 
 
 def weighted_logsumexp(logits, log_weights):

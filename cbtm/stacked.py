@@ -73,13 +73,6 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
             and (x.device.type, x.dtype) not in _GROUPED_MM_FAILED)
 
 
-def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last dimension (one op where torch has F.rms_norm)."""
-    if hasattr(F, "rms_norm"):
-        return F.rms_norm(x, x.shape[-1:], eps=eps)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 def _pad(x: torch.Tensor, vp: torch.Tensor, vt: torch.Tensor, P: int, T: int, padded: bool) -> torch.Tensor:
     """Packed rows x (N, H, hd) laid out per segment (P, H, T, hd), zeros where a segment is shorter."""
     if padded:
@@ -88,11 +81,6 @@ def _pad(x: torch.Tensor, vp: torch.Tensor, vt: torch.Tensor, P: int, T: int, pa
     else:
         out = x.view(P, T, *x.shape[1:])
     return out.transpose(1, 2)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 class KVPool:
@@ -251,10 +239,6 @@ class StackedExperts:
 
     # ---- forward --------------------------------------------------------------------------------
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of x (N, d) with each row's expert weights w (N, d), as transformers computes it."""
-        return w * _rms_norm(x.float(), self.eps).to(x.dtype)
-
     def forward(self, ids: torch.Tensor, experts: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (N, d) of P segments, packed: segment p feeds ``ids[p, :lengths[p]]`` (the
@@ -278,7 +262,6 @@ class StackedExperts:
         tokens = ids[vp, vt]
         x = self.embed[tok_expert, :, tokens] if self.tied else self.embed[tok_expert, tokens]  # (N, d)
         cos, sin = self._rope(x, positions)  # (N, hd)
-        cos, sin = cos[:, None], sin[:, None]
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
         padded = N != P * T
         decode = slots is not None and T == 1  # one token per segment: attention reads the pool in place
@@ -291,10 +274,9 @@ class StackedExperts:
                 query_pos = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
                 mask = torch.arange(end, device=dev)[None, None, None, :] <= query_pos[:, None, :, None]  # (P, 1, T, end)
         for i, layer in enumerate(self.layers):
-            h = self._norm(x, layer["ln1"][tok_expert])
+            h = ops.grouped_rms_norm(x, layer["ln1"], tok_expert, self.eps)
             qkv = grouped_linear(h, layer["qkv"], counts, layer["qkv_b"], offs)
-            qk = qkv[:, :(hq + hk) * hd].view(N, hq + hk, hd)
-            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together
+            qk = ops.rotary_(qkv[:, :(hq + hk) * hd].view(N, hq + hk, hd), cos, sin)  # queries and keys at once
             q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, (hq + hk) * hd:].view(N, hk, hd)
             if slots is not None:
@@ -306,10 +288,10 @@ class StackedExperts:
             else:
                 a = self._attend(q, k, v, i, vp, vt, P, T, padded, slots, end, mask)
             x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs)
-            h = self._norm(x, layer["ln2"][tok_expert])
+            h = ops.grouped_rms_norm(x, layer["ln2"], tok_expert, self.eps)
             gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
             x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs)
-        return self._norm(x, self.norm[tok_expert])
+        return ops.grouped_rms_norm(x, self.norm, tok_expert, self.eps)
 
     def _attend(self, q, k, v, i, vp, vt, P, T, padded, slots, end, mask) -> torch.Tensor:
         """Attention of packed rows (N, H, hd) of several tokens per segment: (N, Hq * hd). Without slots

@@ -8,6 +8,7 @@
 #include "attention_cpu.h"
 #include "binding.h"
 #include "centroid_cpu.h"
+#include "layers_cpu.h"
 #include "distance_cpu.h"
 
 namespace py = pybind11;
@@ -112,6 +113,37 @@ void decode_attention(py::handle q, py::handle k, py::handle v, py::handle slots
                         oa.ptr<float>());
 }
 
+void grouped_rms_norm(py::handle x, py::handle weight, py::handle expert, double eps, py::handle out) {
+  Array xa(x, "x", false), wa(weight, "weight", false), ea(expert, "expert", false), oa(out, "out", false);
+  xa.expect(DType::f32);
+  wa.expect(DType::f32);
+  ea.expect(DType::i64);
+  const int64_t n = xa.rows(), d = xa.cols(), k = wa.rows();
+  if (!xa.compact() || !wa.compact() || wa.cols() != d) throw ValueError("x (N, D) and weight (K, D) must be compact");
+  if (ea.rows() != n || !ea.compact()) throw ValueError("expert must be a compact int64 array of shape (N,)");
+  oa.expect_output(DType::f32, n, d);
+  const int64_t* e = ea.ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    if (e[i] < 0 || e[i] >= k) throw ValueError("expert ids must lie in [0, " + std::to_string(k) + ")");
+  py::gil_scoped_release nogil;
+  cpu::grouped_rms_norm(xa.ptr<float>(), wa.ptr<float>(), e, n, d, (float)eps, oa.ptr<float>());
+}
+
+void rotary(py::handle x, py::handle cos, py::handle sin, int64_t heads) {
+  Array xa(x, "x", false), ca(cos, "cos", false), sa(sin, "sin", false);
+  xa.expect(DType::f32);
+  ca.expect(DType::f32);
+  sa.expect(DType::f32);
+  if (xa.readonly) throw ValueError("x: is read-only (rotated in place)");
+  const int64_t n = xa.rows(), d = ca.cols();
+  if (!xa.row_contiguous()) throw ValueError("x must have unit column stride");
+  if (d < 2 || d % 2 || heads < 1 || xa.cols() != heads * d) throw ValueError("x must be (N, heads * D) with D even");
+  if (!ca.compact() || !sa.compact() || ca.rows() != n || sa.rows() != n || sa.cols() != d)
+    throw ValueError("cos and sin must be compact (N, D) arrays");
+  py::gil_scoped_release nogil;
+  cpu::rotary(xa.ptr<float>(), xa.strides[0], ca.ptr<float>(), sa.ptr<float>(), n, heads, d);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -124,6 +156,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("warm"), py::arg("labels"));
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("slots"),
         py::arg("lengths"), py::arg("kv_heads"), py::arg("length"), py::arg("scale"), py::arg("out"));
+  m.def("grouped_rms_norm", &grouped_rms_norm, py::arg("x"), py::arg("weight"), py::arg("expert"), py::arg("eps"),
+        py::arg("out"));
+  m.def("rotary", &rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("heads"));
   m.def("num_threads", [] { return omp_get_max_threads(); });
   m.def("cpu_isa", &cpu::isa_name, "instruction set of the distance kernels: avx512, avx2 or generic");
 }

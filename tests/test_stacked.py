@@ -211,3 +211,57 @@ def test_decode_attention_bad_input(case, match):
         slots = slots[:3]
     with pytest.raises((ValueError, TypeError), match=match):
         ops.decode_attention(q, k, v, slots, lengths, 0.3)
+
+
+# ---- the layers' small fused kernels (ops.grouped_rms_norm, ops.rotary_) -------------------------
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (7, 24, 3), (64, 128, 8), (300, 33, 5), (2, 4096, 2)])
+def test_grouped_rms_norm_matches_ref(n, d, k):
+    from cbtm import ops
+
+    g = torch.Generator().manual_seed(n * d)
+    x = torch.randn(n, d, generator=g) * 3
+    w = torch.randn(k, d, generator=g)
+    e = torch.randint(0, k, (n,), generator=g)
+    want = ops.grouped_rms_norm_ref(x.double(), w.double(), e, 1e-5)
+    got = ops.grouped_rms_norm(x, w, e, 1e-5)
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= 2e-6 * max(1.0, float(want.abs().max()))
+    # other dtypes, and tensors that need grad, take the PyTorch path: transformers' own rounding
+    bf = ops.grouped_rms_norm(x.bfloat16(), w.bfloat16(), e, 1e-5)
+    assert torch.equal(bf, ops.grouped_rms_norm_ref(x.bfloat16(), w.bfloat16(), e, 1e-5))
+    xg = x.clone().requires_grad_()
+    ops.grouped_rms_norm(xg, w, e, 1e-5).sum().backward()
+    assert xg.grad is not None
+
+
+@pytest.mark.parametrize("n,h,d", [(1, 1, 2), (5, 3, 8), (64, 12, 32), (17, 2, 128)])
+def test_rotary_matches_ref_in_place(n, h, d):
+    from cbtm import ops
+
+    g = torch.Generator().manual_seed(n + h + d)
+    qkv = torch.randn(n, (h + 1) * d, generator=g)  # rotated: the first h heads, as in a fused projection
+    cos, sin = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    rest = qkv[:, h * d:].clone()
+    x = qkv[:, :h * d].view(n, h, d)
+    want = ops.rotary_ref(x.double(), cos.double(), sin.double())
+    assert ops.rotary_(x, cos, sin) is x
+    assert (x.double() - want).abs().max() <= 1e-5
+    assert torch.equal(qkv[:, h * d:], rest)  # columns past the rotated heads untouched
+    y = torch.randn(n, h, d, generator=g).bfloat16()
+    want16 = ops.rotary_ref(y, cos.bfloat16(), sin.bfloat16())
+    assert torch.equal(ops.rotary_(y, cos.bfloat16(), sin.bfloat16()), want16)
+
+
+def test_layer_kernels_bad_input():
+    from cbtm import ops
+
+    x, w = torch.randn(4, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 2\)"):
+        ops.grouped_rms_norm(x, w, torch.tensor([0, 1, 2, 0]), 1e-6)
+    with pytest.raises(ValueError, match="grouped_rms_norm: x"):
+        ops.grouped_rms_norm(x, torch.randn(2, 7), torch.tensor([0, 1, 1, 0]), 1e-6)
+    with pytest.raises(ValueError, match="rotary_: x"):
+        ops.rotary_(torch.randn(4, 2, 8), torch.randn(4, 6), torch.randn(4, 6))
+    with pytest.raises(ValueError, match="D even"):
+        ops.rotary_(torch.randn(4, 2, 7), torch.randn(4, 7), torch.randn(4, 7))

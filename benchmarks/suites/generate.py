@@ -3,12 +3,14 @@
 Eight experts of the demo's architecture (the ``tiny`` Llama of ``cbtm demo``; random weights: the
 speed does not depend on them, though random text re-routes more often than a trained model's) and a
 router fitted on the embedded corpus; prompts of 10 words from its documents; every row decodes
-exactly ``new`` tokens greedily (EOS ignored). Compared side by side in one process: one dense model
+exactly ``new`` tokens greedily (EOS ignored). Compared side by side in one process (timed round robin,
+best of ``--repeats`` each, so a slow spell of a shared machine slows every method alike): one dense model
 of the same size through transformers ``generate`` on the same batch, the engine (``Ensemble.generate``)
 at top-1, top-2 and all 8, ``EnsembleForCausalLM.generate`` at top-1, and the plain per-row path
 (``engine.generate_ref``: one row at a time, one forward per routed expert, as cbtm decoded before).
 """
 import json
+import math
 import tempfile
 import time
 from itertools import islice
@@ -98,12 +100,13 @@ def run(args):
             setups = [("dense: transformers generate", dense_generate)]
             setups += [(f"engine top-{k or K} of {K}", engine(k)) for k in (1, 2, None)]
             setups += [(f"EnsembleForCausalLM top-1 of {K}", hf_wrapper)]
-            timings = {}
-            for name, fn in setups:
+            for _, fn in setups:
                 fn()  # warm-up at this batch size
-                best = min(_timed(lambda: (fn(), sync()))[0] for _ in range(args.repeats))
-                timings[name] = best
-                rows.append({"batch": B, "method": name, "tokens_per_s": B * new / best})
+            timings = {name: math.inf for name, _ in setups}
+            for _ in range(args.repeats):  # round robin: a slow spell of a shared machine hits every method
+                for name, fn in setups:
+                    timings[name] = min(timings[name], _timed(lambda: (fn(), sync()))[0])
+            rows += [{"batch": B, "method": name, "tokens_per_s": B * new / t} for name, t in timings.items()]
             n = min(B, REF_PROMPTS[quick])
             t, _ = _timed(lambda: generate_ref(ensembles[1], batch[:n], [params] * n))
             rows.append({"batch": B, "method": f"per-row path top-1 of {K} (before)", "tokens_per_s": n * new / t})

@@ -44,14 +44,18 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process (MB), from /proc (0 where there is none)."""
+    """Resident memory (MB) of a process and its descendants (`cbtm serve`'s engine process), from /proc
+    (0 for a process that is gone)."""
+    total = 0.0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+                total += int(line.split()[1]) / 1024
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += sum(rss_mb(int(c)) for c in (task / "children").read_text().split())
     except OSError:
         pass
-    return 0.0
+    return total
 
 
 class Server:
