@@ -322,7 +322,8 @@ class Engine:
         """Each sequence's routing text: its prefix and its decoded tail (text prompts: the generated
         tokens, decoded once per step by ``_sample``)."""
         todo = [s for s in seqs if s.tail is not s.new or s.raw is None]
-        decoded = dict(zip(map(id, todo), self._decode.advance([s.tail_decoded for s in todo], [s.tail for s in todo])))
+        texts = self._decode.advance([s.tail_decoded for s in todo], [s.tail for s in todo])
+        decoded = dict(zip(map(id, todo), texts))
         return [s.prefix + (decoded[id(s)] if id(s) in decoded else s.raw) for s in seqs]
 
     def _route(self, seqs: Sequence[SequenceState]) -> np.ndarray:
@@ -404,7 +405,7 @@ class Engine:
         and sampling distribution as their log-softmax, which is the mixture): no pass over (B, V)."""
         table, idx, logw = self._run(seqs, [x[None] for x in w])
         if len(idx) == 1 and self.ens.kind != "posterior":
-            return table, idx[0], False
+            return table.cpu(), idx[0], False
         return self._mix(table, idx, logw), np.arange(len(seqs)), True
 
     def _mix(self, table: torch.Tensor, idx: np.ndarray, logw: np.ndarray) -> torch.Tensor:

@@ -316,11 +316,13 @@ def test_engine_on_cuda_equals_cpu(request, which, monkeypatch):
     the CPU's greedy tokens and log-probs."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     path = request.getfixturevalue(which)
-    cpu = _run(Engine(Ensemble.load(path, top_k=2)), PROMPTS, [_params(12, logprobs=0)] * len(PROMPTS))
-    gpu = _run(Engine(Ensemble.load(path, top_k=2, device="cuda")), PROMPTS, [_params(12, logprobs=0)] * len(PROMPTS))
-    assert [s.new for s in gpu[0]] == [s.new for s in cpu[0]]
-    for a, b in zip(gpu[1], cpu[1]):
-        assert np.allclose(a, b, atol=1e-3)
+    for top_k in (1, 2):  # one expert per row: sampled from its logits as they come; two: the mixture
+        params = [_params(12, logprobs=0)] * len(PROMPTS)
+        cpu = _run(Engine(Ensemble.load(path, top_k=top_k)), PROMPTS, params)
+        gpu = _run(Engine(Ensemble.load(path, top_k=top_k, device="cuda")), PROMPTS, params)
+        assert [s.new for s in gpu[0]] == [s.new for s in cpu[0]]
+        for a, b in zip(gpu[1], cpu[1]):
+            assert np.allclose(a, b, atol=1e-3)
 
 
 @pytest.mark.parametrize("top_k", [1, None])
