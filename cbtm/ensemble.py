@@ -248,7 +248,7 @@ class Ensemble:
         for j, n in enumerate(last.sum(0).tolist()):
             self.expert_positions[j] += n
         if self.stacked() is not None:
-            self._stacked_logprobs(inputs, targets, last, lp)
+            self._stacked_logprobs(inputs, targets, last, need, lp)
         else:
             for j in range(k):
                 for sel in _length_chunks(last[:, j], self.chunk_tokens):
@@ -264,9 +264,10 @@ class Ensemble:
                 if p else (torch.zeros(0), torch.zeros(k, 0), torch.zeros(0, k)) for p in per_text]
 
     def _stacked_logprobs(self, inputs: torch.Tensor, targets: torch.Tensor, last: torch.Tensor,
-                          lp: torch.Tensor) -> None:
+                          wanted: torch.Tensor, lp: torch.Tensor) -> None:
         """``_expert_logprobs`` of every (window, expert) pair that ``last`` (R, K) asks for, through the
-        stacked experts: pairs of all experts share each forward (chunks of similar lengths); into lp."""
+        stacked experts: pairs of all experts share each forward (chunks of similar lengths); into lp,
+        at the positions ``wanted`` (R, L, K) marks (the others a pair computes only as context)."""
         st = self.stacked()
         pairs = last.nonzero()  # (P, 2): (window, expert)
         need = last[pairs[:, 0], pairs[:, 1]]
@@ -277,10 +278,12 @@ class Ensemble:
             with torch.no_grad():
                 h = st.forward(inputs[r, :T], j, torch.zeros_like(n), n)  # (sum n, d), pair by pair
                 valid = torch.arange(T)[None, :] < n[:, None]  # (P, T)
-                tgt = targets[r, :T][valid]
-                rows = r[:, None].expand_as(valid)[valid]
-                cols = torch.arange(T).expand_as(valid)[valid]
-                per_expert = torch.bincount(j.repeat_interleave(n), minlength=self.n_experts).tolist()
+                keep = wanted[r, :T, j][valid]  # the packed rows whose log-probs are wanted
+                h = h[keep.to(h.device)]
+                tgt = targets[r, :T][valid][keep]
+                rows = r[:, None].expand_as(valid)[valid][keep]
+                cols = torch.arange(T).expand_as(valid)[valid][keep]
+                per_expert = torch.bincount(j.repeat_interleave(n)[keep], minlength=self.n_experts).tolist()
                 a = 0
                 for e, m in enumerate(per_expert):
                     if m:
