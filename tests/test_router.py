@@ -219,3 +219,20 @@ def test_cli_assign_fits_it_and_fit_prefix_refits(corpus, tmp_path, capsys):
     meta = json.loads((run / "router" / "prefix.json").read_text())
     assert meta["documents"] == 50 and meta["prefixes"] <= 200
     assert "prefix router fitted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_distance_scores_equal_the_plain_differences(runs, official):
+    """The distance router's scores (one matrix product) against squared differences summed in float64:
+    random unit embeddings, the empty context's zero vector and a centre itself (distance 0)."""
+    base = Router.load(runs[4], "distance")
+    router = Router(base.embedder, base.centers, temperature=0.3, official_distance=official)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((50, base.centers.shape[1]))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = np.concatenate([emb, np.zeros((1, emb.shape[1])), base.centers[2:3]]).astype(np.float32)
+    d2 = ((emb[:, None, :].astype(np.float64) - base.centers[None].astype(np.float64)) ** 2).sum(-1)
+    want = -(d2 ** 2 if official else d2) / 0.3
+    got = router.scores(emb)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert 0 >= got[-1, 2] >= -1e-12 and got.argmax(1)[-1] == 2  # never a negative distance
