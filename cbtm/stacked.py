@@ -73,16 +73,6 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
             and (x.device.type, x.dtype) not in _GROUPED_MM_FAILED)
 
 
-def _pad(x: torch.Tensor, vp: torch.Tensor, vt: torch.Tensor, P: int, T: int, padded: bool) -> torch.Tensor:
-    """Packed rows x (N, H, hd) laid out per segment (P, H, T, hd), zeros where a segment is shorter."""
-    if padded:
-        out = x.new_zeros(P, T, *x.shape[1:])
-        out[vp, vt] = x
-    else:
-        out = x.view(P, T, *x.shape[1:])
-    return out.transpose(1, 2)
-
-
 class KVPool:
     """Key/value cache slots shared by every expert: per layer (slots, kv heads, positions, head dim).
     A slot holds one (sequence, expert) pair's cache; slots and positions grow by doubling."""
@@ -286,26 +276,36 @@ class StackedExperts:
             if decode:
                 a = ops.decode_attention(q, pk, pv, slots, starts + 1, self.scaling).reshape(N, hq * hd)
             else:
-                a = self._attend(q, k, v, i, vp, vt, P, T, padded, slots, end, mask)
+                a = self._attend(qkv, i, vp, vt, P, T, padded, slots, end, mask)
             x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs)
             h = ops.grouped_rms_norm(x, layer["ln2"], tok_expert, self.eps)
             gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
             x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs)
         return ops.grouped_rms_norm(x, self.norm, tok_expert, self.eps)
 
-    def _attend(self, q, k, v, i, vp, vt, P, T, padded, slots, end, mask) -> torch.Tensor:
-        """Attention of packed rows (N, H, hd) of several tokens per segment: (N, Hq * hd). Without slots
-        each segment attends causally to itself; with slots, to its pool slot (written already)."""
+    def _attend(self, qkv, i, vp, vt, P, T, padded, slots, end, mask) -> torch.Tensor:
+        """Attention of packed rows of several tokens per segment, from their (rotated) projections qkv
+        (N, (Hq + 2 Hk) hd): (N, Hq hd). Without slots each segment attends causally to itself; with
+        slots, to its pool slot (written already). Segments are padded to T once, all heads together."""
         hq, hk, hd, N = self.heads, self.kv_heads, self.head_dim, len(vp)
-        if slots is not None:
+        if slots is None:
+            rows = qkv
+        else:  # the keys and values come from the pool: only the queries are laid out per segment
+            rows = qkv[:, :hq * hd]
             pk, pv = self.pool.k[i], self.pool.v[i]
             keys, values = pk[:, :, :end].index_select(0, slots), pv[:, :, :end].index_select(0, slots)
-        qp = _pad(q, vp, vt, P, T, padded)  # (P, Hq, T, hd)
-        if slots is None:
-            a = F.scaled_dot_product_attention(qp, _pad(k, vp, vt, P, T, padded), _pad(v, vp, vt, P, T, padded),
-                                               is_causal=True, scale=self.scaling, enable_gqa=hk != hq)
+        if padded:
+            per_segment = rows.new_zeros(P, T, rows.shape[1])
+            per_segment[vp, vt] = rows
         else:
-            a = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=self.scaling,
+            per_segment = rows.view(P, T, rows.shape[1])
+        heads = per_segment.view(P, T, -1, hd).transpose(1, 2)  # (P, H, T, hd)
+        q = heads[:, :hq]
+        if slots is None:
+            a = F.scaled_dot_product_attention(q, heads[:, hq:hq + hk], heads[:, hq + hk:], is_causal=True,
+                                               scale=self.scaling, enable_gqa=hk != hq)
+        else:
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                                enable_gqa=hk != hq)
         a = a.transpose(1, 2)[vp, vt] if padded else a.transpose(1, 2).reshape(N, hq, hd)
         return a.reshape(N, hq * hd)
