@@ -120,10 +120,10 @@ class Router:
         emb = np.asarray(emb, np.float64)
         if self.classifier is not None:
             coef, bias = self.classifier
-            return emb @ coef.T + bias  # (N, K) log-odds of each cluster
+            return np.einsum("nd,kd->nk", emb, coef) + bias  # (N, K) log-odds of each cluster (no BLAS threads)
         c = self.centers.astype(np.float64)
-        # |e|^2 - 2 e.c + |c|^2 (float64: no (N, K, D) temporary, exact to ~1e-15); einsum rather than BLAS,
-        # whose threads would spin against torch's on the same cores
+        # |e|^2 - 2 e.c + |c|^2 (float64: no (N, K, D) temporary, exact to ~1e-15); einsum rather than BLAS
+        # here and above: BLAS threads would spin against torch's on the same cores
         cross = np.einsum("nd,kd->nk", emb, c)
         d2 = np.maximum((emb * emb).sum(1)[:, None] - 2 * cross + (c * c).sum(1)[None], 0)  # (N, K)
         return -(d2 ** 2 if self.official_distance else d2) / self.temperature
