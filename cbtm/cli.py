@@ -526,7 +526,7 @@ def _add_serve(sub) -> None:
                    help=f"seconds in-flight requests get after SIGTERM (default {defaults.SERVE_GRACE:g})")
     s.add_argument("--model-name", default=None, help="the model id clients name (default: the run's folder name)")
     s.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads of the decode loop (default: one core fewer than the machine has, at "
+                   help="torch CPU threads of the engine process (default: one core fewer than the machine has, at "
                         "least 1: the HTTP side keeps a core; spinning math threads on every core slow it down)")
     s.set_defaults(fn=_serve)
 
