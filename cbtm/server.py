@@ -231,10 +231,15 @@ class DecodeLoop:
     ("error", (status, message, param)) item; an added one ("added", None), then one ("event", Event)
     per step until its event has a finish_reason. An exception in ``step`` fails the sequences of
     that step (the engine cannot say whose row raised) and the loop goes on serving.
+
+    ``publish(pairs, seconds)`` receives each step's (job, Event) pairs (``seconds``: the step's time;
+    None when an abort emptied the batch without a step); by default they go to the jobs' event
+    loops and the metrics. The engine process publishes them to its pipe instead.
     """
 
-    def __init__(self, engine, metrics=None):
+    def __init__(self, engine, metrics=None, publish=None):
         self.engine, self.metrics = engine, metrics
+        self._publish = publish or self._to_event_loops
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}
         self._thread = threading.Thread(target=self._run, name="cbtm-decode", daemon=True)
@@ -269,6 +274,7 @@ class DecodeLoop:
                     msgs.append(self._inbox.get_nowait())
             except queue.Empty:
                 pass
+            aborted = False
             for kind, job in msgs:
                 if kind == "stop":
                     self._fail_all(503, "the server is shutting down")
@@ -276,12 +282,15 @@ class DecodeLoop:
                 if kind == "add":
                     self._add(job)
                 elif job.seq_id is not None and self._jobs.pop(job.seq_id, None) is not None:
+                    aborted = True
                     try:
                         engine.abort(job.seq_id)
                     except Exception:  # noqa: BLE001 - the loop must outlive any one sequence
                         log.error("aborting a sequence failed:\n%s", traceback.format_exc())
             if engine.has_work():
                 self._step()
+            elif aborted:  # no step will report that the batch emptied
+                self._publish([], None)
 
     def _add(self, job: Job) -> None:
         try:
@@ -320,8 +329,12 @@ class DecodeLoop:
             self._fail_all(500, f"internal error while decoding: {type(e).__name__}: {e}")
             return
         self.steps += 1
-        _record_step(self.metrics, events, time.perf_counter() - t0, self.running, self.waiting)
-        _dispatch(self._jobs, events)
+        self._publish(_pair(self._jobs, events), time.perf_counter() - t0)
+
+    def _to_event_loops(self, pairs, seconds: float | None) -> None:
+        if seconds is not None:
+            _record_step(self.metrics, [ev for _, ev in pairs], seconds, self.running, self.waiting)
+            _deliver_pairs(pairs)
 
 
 def _record_step(m, events, seconds: float, running: int, waiting: int) -> None:
@@ -344,16 +357,24 @@ def _record_step(m, events, seconds: float, running: int, waiting: int) -> None:
         m.expert_tokens[j].inc(int(counts[j]))
 
 
-def _dispatch(jobs: dict, events) -> None:
-    """Each event to its job (``jobs``: seq_id -> Job), one event-loop wake-up per loop and step;
-    finished jobs leave ``jobs``."""
-    deliveries: dict = {}  # event loop -> [(job, event)]
+def _pair(jobs: dict, events) -> list:
+    """(job, event) of every event whose sequence has a job (``jobs``: seq_id -> job); finished jobs
+    leave ``jobs``."""
+    pairs = []
     for ev in events:
         job = jobs.get(ev.seq_id)
         if job is None:
             continue
         if ev.finish_reason is not None:
             del jobs[ev.seq_id]
+        pairs.append((job, ev))
+    return pairs
+
+
+def _deliver_pairs(pairs) -> None:
+    """Each event to its job's event loop: one wake-up per loop and step."""
+    deliveries: dict = {}  # event loop -> [(job, event)]
+    for job, ev in pairs:
         deliveries.setdefault(job.loop, []).append((job, ev))
     for loop, items in deliveries.items():
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening
@@ -467,7 +488,7 @@ class EngineProcess:
                 self.steps += 1
                 self.running, self.waiting = step["running"], step["waiting"]
                 _record_step(self.metrics, events, step["seconds"], self.running, self.waiting)
-                _dispatch(self._jobs, events)
+                _deliver_pairs(_pair(self._jobs, events))
             elif "state" in msg:
                 self.running, self.waiting = msg["state"]["running"], msg["state"]["waiting"]
                 if self.metrics is not None:
@@ -484,8 +505,24 @@ class EngineProcess:
                     job.put("error", (status, message, param))
 
 
+class _PipeJob:
+    """A request inside the engine process: what the decode loop reports of it goes down the pipe."""
+
+    def __init__(self, send, key: int, prompt, params, jobs: dict):
+        self.send, self.key, self.prompt, self.params, self.jobs = send, key, prompt, params, jobs
+        self.seq_id: int | None = None
+
+    def put(self, kind: str, payload) -> None:
+        if kind == "added":
+            self.send({"added": self.key})
+        else:  # an error ends the job
+            self.jobs.pop(self.key, None)
+            self.send({"error": [self.key, *payload]})
+
+
 def _engine_main(conn, run: str, options: dict) -> None:
-    """The engine process: load the run, then admit, step and report until "stop" or the pipe closes."""
+    """The engine process: load the run, then run a :class:`DecodeLoop` fed from the pipe and publishing
+    to it, until "stop" or the pipe closes."""
     import torch
 
     from .engine import SamplingParams
@@ -499,68 +536,43 @@ def _engine_main(conn, run: str, options: dict) -> None:
     except Exception as e:  # noqa: BLE001 - reported to the server, which exits naming it
         conn.send_bytes(json.dumps({"failed": f"{type(e).__name__}: {e}"}).encode())
         return
-    send = lambda msg: conn.send_bytes(json.dumps(msg).encode())  # noqa: E731
+
+    def send(msg: dict) -> None:  # only the decode thread sends, once the loop runs
+        with contextlib.suppress(OSError, ValueError):  # the server is gone: the main thread sees EOF
+            conn.send_bytes(json.dumps(msg).encode())
+
+    jobs: dict[int, _PipeJob] = {}  # job key -> job, while it lives
+
+    def publish(pairs, seconds: float | None) -> None:
+        state = {"running": len(engine.running), "waiting": len(engine.waiting)}
+        if seconds is None:
+            send({"state": state})
+            return
+        events = []
+        for job, ev in pairs:
+            if ev.finish_reason is not None:
+                jobs.pop(job.key, None)
+            top = None if ev.top_logprobs is None else list(ev.top_logprobs.items())
+            events.append([job.key, ev.token, ev.text, ev.logprob, top, ev.routing, ev.finish_reason])
+        send({"step": {"seconds": seconds, **state, "events": events}})
+
     send({"ready": True})
-    keys: dict[int, int] = {}  # seq id -> job key
-    sids: dict[int, int] = {}  # job key -> seq id (stale entries of finished sequences are harmless)
-
-    def fail_all(status: int, message: str) -> None:
-        for sid, key in list(keys.items()):
-            with contextlib.suppress(Exception):
-                engine.abort(sid)
-            send({"error": [key, status, message, None]})
-        keys.clear()
-        sids.clear()
-
+    loop = DecodeLoop(engine, publish=publish)
+    loop.start()
     try:
         while True:
-            while conn.poll(0 if engine.has_work() else None):
-                msg = json.loads(conn.recv_bytes())
-                if msg["op"] == "stop":
-                    fail_all(503, "the server is shutting down")
-                    return
-                key = msg["key"]
-                if msg["op"] == "add":
-                    try:
-                        sid = engine.add(msg["prompt"], SamplingParams(**msg["params"]))
-                        keys[sid], sids[key] = key, sid
-                    except (ValueError, TypeError, OverflowError) as e:
-                        send({"error": [key, 400, f"prompt: {e}", "prompt"]})
-                    except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
-                        log.error("adding a request failed:\n%s", traceback.format_exc())
-                        send({"error": [key, 500, f"internal error: {type(e).__name__}: {e}", None]})
-                    else:
-                        send({"added": key})
-                else:  # abort
-                    sid = sids.pop(key, None)
-                    if sid is not None and keys.pop(sid, None) is not None:
-                        with contextlib.suppress(Exception):
-                            engine.abort(sid)
-                        if not engine.has_work():  # no step will report the batch emptied
-                            send({"state": {"running": 0, "waiting": 0}})
-            if not engine.has_work():
-                continue
-            t0 = time.perf_counter()
-            try:
-                events = engine.step()
-            except Exception as e:  # noqa: BLE001
-                log.error("a decode step failed; its sequences fail:\n%s", traceback.format_exc())
-                fail_all(500, f"internal error while decoding: {type(e).__name__}: {e}")
-                continue
-            out = []
-            for ev in events:
-                key = keys.get(ev.seq_id)
-                if key is None:
-                    continue
-                if ev.finish_reason is not None:
-                    del keys[ev.seq_id]
-                    sids.pop(key, None)
-                top = None if ev.top_logprobs is None else list(ev.top_logprobs.items())
-                out.append([key, ev.token, ev.text, ev.logprob, top, ev.routing, ev.finish_reason])
-            send({"step": {"seconds": time.perf_counter() - t0, "running": len(engine.running),
-                           "waiting": len(engine.waiting), "events": out}})
-    except (EOFError, OSError, BrokenPipeError):  # the server is gone
-        return
+            msg = json.loads(conn.recv_bytes())
+            if msg["op"] == "stop":
+                break
+            if msg["op"] == "add":
+                job = jobs[msg["key"]] = _PipeJob(send, msg["key"], msg["prompt"], SamplingParams(**msg["params"]),
+                                                  jobs)
+                loop.submit(job)
+            elif msg["key"] in jobs:  # abort
+                loop.cancel(jobs.pop(msg["key"]))
+    except (EOFError, OSError):  # the server is gone
+        pass
+    loop.close()
 
 
 # ---------------------------------------------------------------------------------------------------
