@@ -253,8 +253,7 @@ class StackedExperts:
         x = self.embed[tok_expert, :, tokens] if self.tied else self.embed[tok_expert, tokens]  # (N, d)
         cos, sin = self._rope(x, positions)  # (N, hd)
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
-        padded = N != P * T
-        pad = ~valid if padded else None  # (P, T): the padding of each segment
+        pad = ~valid if N != P * T else None  # (P, T): the padding of each segment, if any
         decode = slots is not None and T == 1  # one token per segment: attention reads the pool in place
         end = mask = None
         if slots is not None:
@@ -277,14 +276,14 @@ class StackedExperts:
             if decode:
                 a = ops.decode_attention(q, pk, pv, slots, starts + 1, self.scaling).reshape(N, hq * hd)
             else:
-                a = self._attend(qkv, i, vp, vt, pad, P, T, padded, slots, end, mask)
+                a = self._attend(qkv, i, vp, vt, pad, P, T, slots, end, mask)
             x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs)
             h = ops.grouped_rms_norm(x, layer["ln2"], tok_expert, self.eps)
             gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
             x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs)
         return ops.grouped_rms_norm(x, self.norm, tok_expert, self.eps)
 
-    def _attend(self, qkv, i, vp, vt, pad, P, T, padded, slots, end, mask) -> torch.Tensor:
+    def _attend(self, qkv, i, vp, vt, pad, P, T, slots, end, mask) -> torch.Tensor:
         """Attention of packed rows of several tokens per segment, from their (rotated) projections qkv
         (N, (Hq + 2 Hk) hd): (N, Hq hd). Without slots each segment attends causally to itself; with
         slots, to its pool slot (written already). Segments are padded to T once, all heads together."""
@@ -295,7 +294,7 @@ class StackedExperts:
             rows = qkv[:, :hq * hd]
             pk, pv = self.pool.k[i], self.pool.v[i]
             keys, values = pk[:, :, :end].index_select(0, slots), pv[:, :, :end].index_select(0, slots)
-        if padded:  # zeros at the padding (never attended to by a real row, but it must not be NaN)
+        if pad is not None:  # zeros at the padding (never attended to by a real row, but it must not be NaN)
             per_segment = rows.new_empty(P, T, rows.shape[1])
             per_segment[vp, vt] = rows
             per_segment[pad] = 0
@@ -309,11 +308,11 @@ class StackedExperts:
         else:
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                                enable_gqa=hk != hq)
-        a = a.transpose(1, 2)[vp, vt] if padded else a.transpose(1, 2).reshape(N, hq, hd)
+        a = a.transpose(1, 2)[vp, vt] if pad is not None else a.transpose(1, 2).reshape(N, hq, hd)
         return a.reshape(N, hq * hd)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (P, T, hd) at the positions: the experts' own rotary module, its values for
+        """cos and sin (N, hd) at the positions (N,): the experts' own rotary module, its values for
         positions 0..n-1 kept once computed unless the rope type rescales with the length ("dynamic")."""
         if getattr(self.rotary, "rope_type", "default") == "dynamic":
             return self.rotary(x, positions)
