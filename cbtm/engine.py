@@ -647,14 +647,14 @@ class _StackedRunner:
         T = int(n.max())
         ids = torch.tensor([seqs[b].window[done:stop] + [0] * (T - stop + done) for b, _, done, stop, _ in seg])
         experts = np.array([s[1] for s in seg])
+        want = n - np.array([s[4] - s[2] for s in seg])  # positions wanted, the last of each segment
+        keep = None
+        if T > 1:  # the rows are packed (sum n): segment p's start at the sum of the lengths before it
+            first = np.cumsum(n) - want
+            keep = torch.from_numpy(np.concatenate([a + np.arange(w) for a, w in zip(first, want)]))
         with torch.no_grad():
             h = st.forward(ids, torch.from_numpy(experts), torch.tensor([s[2] for s in seg]), torch.from_numpy(n),
-                           torch.tensor([seqs[s[0]].experts[s[1]][0] for s in seg]))  # (sum n, d)
-            want = n - np.array([s[4] - s[2] for s in seg])  # positions wanted, the last of each segment
-            if T > 1:  # h is packed (sum n, d): segment p's rows start at the sum of the lengths before it
-                first = np.cumsum(n) - want
-                rows = np.concatenate([a + np.arange(w) for a, w in zip(first, want)])
-                h = h[torch.from_numpy(rows).to(h.device)]
+                           torch.tensor([seqs[s[0]].experts[s[1]][0] for s in seg]), keep=keep)  # (wanted, d)
             counts = np.bincount(experts, weights=want, minlength=st.n_experts).astype(int).tolist()
             return st.logits(h, counts).float().to(self.ens.mix_device)
 

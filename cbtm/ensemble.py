@@ -275,11 +275,10 @@ class Ensemble:
             sel = sel[torch.argsort(pairs[sel, 1], stable=True)]  # grouped by expert
             r, j, n = pairs[sel, 0], pairs[sel, 1], need[sel]
             T = int(n.max())
+            valid = torch.arange(T)[None, :] < n[:, None]  # (P, T)
+            keep = wanted[r, :T, j][valid]  # the packed rows whose log-probs are wanted
             with torch.no_grad():
-                h = st.forward(inputs[r, :T], j, torch.zeros_like(n), n)  # (sum n, d), pair by pair
-                valid = torch.arange(T)[None, :] < n[:, None]  # (P, T)
-                keep = wanted[r, :T, j][valid]  # the packed rows whose log-probs are wanted
-                h = h[keep.to(h.device)]
+                h = st.forward(inputs[r, :T], j, torch.zeros_like(n), n, keep=keep.nonzero().flatten())  # (kept, d)
                 tgt = targets[r, :T][valid][keep]
                 rows = r[:, None].expand_as(valid)[valid][keep]
                 cols = torch.arange(T).expand_as(valid)[valid][keep]

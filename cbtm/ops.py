@@ -430,6 +430,72 @@ def decode_attention_ref(q, k, v, slots, lengths, scale: float):
     return torch.stack(out).to(q.dtype)
 
 
+def varlen_attention(qkv, lengths, heads: int, kv_heads: int, scale: float):
+    """Causal self-attention of segments packed without padding (flash-attn's varlen "qkvpacked" layout):
+    segment p is the next ``lengths[p]`` rows of ``qkv`` and attends only to itself.
+
+    qkv: (N, (heads + 2 kv_heads) D), each row's query heads, then key heads, then value heads (one fused
+    projection's output; query head h reads key/value head h // (heads / kv_heads)); lengths: (P,)
+    integers >= 0 summing to N. Returns (N, heads D) in qkv's dtype. CPU tensors run the OpenMP kernel
+    in float32 (no padding: each segment costs its own length squared); CUDA tensors and tensors needing
+    grad pad the segments and call PyTorch's SDPA."""
+    if not _is_torch(qkv) or not _is_torch(lengths):
+        raise TypeError("varlen_attention takes torch tensors")
+    if qkv.ndim != 2 or not qkv.is_floating_point():
+        raise ValueError(f"varlen_attention: qkv must be a 2-D float tensor, got {qkv.dtype} {tuple(qkv.shape)}")
+    if heads < 1 or kv_heads < 1 or heads % kv_heads or qkv.shape[1] % (heads + 2 * kv_heads) or qkv.shape[1] == 0:
+        raise ValueError(f"varlen_attention: {qkv.shape[1]} columns are not (heads + 2 kv_heads) * D for heads={heads}, "
+                         f"kv_heads={kv_heads} (heads a multiple of kv_heads)")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"varlen_attention: scale must be positive and finite, got {scale}")
+    lengths = lengths.to(device="cpu", dtype=torch.int64)
+    if lengths.ndim != 1 or (lengths < 0).any() or int(lengths.sum()) != qkv.shape[0]:
+        raise ValueError(f"varlen_attention: lengths must be (P,) integers >= 0 summing to qkv's {qkv.shape[0]} rows")
+    if qkv.is_cuda or qkv.requires_grad:
+        return _varlen_attention_torch(qkv, lengths, heads, kv_heads, scale)
+    D = qkv.shape[1] // (heads + 2 * kv_heads)
+    x = qkv.detach().float()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(qkv.shape[0], heads * D, dtype=torch.float32)
+    _cpu_module().varlen_attention(x, lengths.contiguous(), heads, kv_heads, float(scale), out)
+    return out.to(qkv.dtype)
+
+
+def _varlen_attention_torch(qkv, lengths, heads: int, kv_heads: int, scale: float):
+    """varlen_attention with PyTorch ops: the segments padded to the longest, one causal SDPA call."""
+    N, C = qkv.shape
+    D = C // (heads + 2 * kv_heads)
+    P, T = len(lengths), int(lengths.max()) if len(lengths) else 0
+    if N == 0:
+        return qkv.new_zeros(0, heads * D)
+    lengths = lengths.to(qkv.device)
+    valid = torch.arange(T, device=qkv.device)[None, :] < lengths[:, None]  # (P, T)
+    rows, cols = valid.nonzero(as_tuple=True)
+    padded = qkv.new_zeros(P, T, C)  # zeros at the padding: never attended to by a real row, but not NaN
+    padded[rows, cols] = qkv
+    h = padded.view(P, T, heads + 2 * kv_heads, D).transpose(1, 2)  # (P, H, T, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        h[:, :heads], h[:, heads:heads + kv_heads], h[:, heads + kv_heads:], is_causal=True, scale=scale,
+        enable_gqa=kv_heads != heads)  # (P, heads, T, D)
+    return out.transpose(1, 2)[rows, cols].reshape(N, heads * D)
+
+
+def varlen_attention_ref(qkv, lengths, heads: int, kv_heads: int, scale: float):
+    """Reference for varlen_attention: each segment on its own, float64, returned in qkv's dtype."""
+    D = qkv.shape[1] // (heads + 2 * kv_heads)
+    out, a = [], 0
+    for n in [int(n) for n in lengths]:
+        x = qkv[a:a + n].double().view(n, heads + 2 * kv_heads, D).transpose(0, 1)  # (H, n, D)
+        a += n
+        q = x[:heads]
+        k = x[heads:heads + kv_heads].repeat_interleave(heads // kv_heads, 0)
+        v = x[heads + kv_heads:].repeat_interleave(heads // kv_heads, 0)
+        s = (scale * q @ k.transpose(1, 2)).masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), -math.inf)
+        out.append((s.softmax(-1) @ v).transpose(0, 1).reshape(n, heads * D))
+    return (torch.cat(out) if out else qkv.new_zeros(0, heads * D, dtype=torch.float64)).to(qkv.dtype)
+
+
 def grouped_rms_norm(x, weight, expert, eps: float):
     """RMSNorm of every row with its own expert's weight: ``weight[expert[n]] * x[n] / rms(x[n])``.
     x: (N, D); weight: (K, D) of x's dtype; expert: (N,) integers. Float32 CPU tensors (without grad)

@@ -230,13 +230,17 @@ class StackedExperts:
     # ---- forward --------------------------------------------------------------------------------
 
     def forward(self, ids: torch.Tensor, experts: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (N, d) of P segments, packed: segment p feeds ``ids[p, :lengths[p]]`` (the
         rest of the row is padding) to expert ``experts[p]`` at window positions ``starts[p]...``, and
         its ``lengths[p]`` rows follow those of segment p - 1 (N = lengths.sum()). ``experts`` must be
         sorted. With ``slots`` (P,), segment p continues the cache in KV slot ``slots[p]`` (which holds
         its first ``starts[p]`` positions) and extends it; without, every segment starts at 0 with no
-        cache. The linear layers see only the N real tokens; attention pads the segments to T."""
+        cache. The linear layers see only the N real tokens; segments that attend only to themselves
+        (no slots, or every start 0) run packed (``ops.varlen_attention``), others pad their queries to T.
+        ``keep``: increasing indices of the packed rows whose hidden states are wanted (then (len(keep), d)
+        is returned); the other rows are context only, so the last layer computes just their keys and
+        values (no output projection, MLP or final norm)."""
         P, T = ids.shape
         dev = self.device
         ids, experts = ids.to(dev), experts.to(dev)
@@ -253,14 +257,15 @@ class StackedExperts:
         x = self.embed[tok_expert, :, tokens] if self.tied else self.embed[tok_expert, tokens]  # (N, d)
         cos, sin = self._rope(x, positions)  # (N, hd)
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
-        pad = ~valid if N != P * T else None  # (P, T): the padding of each segment, if any
         decode = slots is not None and T == 1  # one token per segment: attention reads the pool in place
-        end = mask = None
+        fresh = slots is None or not bool(starts.any())  # every segment attends only to itself
+        pad = end = mask = None
         if slots is not None:
             slots = slots.to(dev)
             end = int((starts + lengths).max())
             self.pool.reserve(end)
-            if not decode:
+            if not decode and not fresh:
+                pad = ~valid if N != P * T else None  # (P, T): the padding of each segment, if any
                 query_pos = starts[:, None] + torch.arange(T, device=dev)  # (P, T)
                 mask = torch.arange(end, device=dev)[None, None, None, :] <= query_pos[:, None, :, None]  # (P, 1, T, end)
         for i, layer in enumerate(self.layers):
@@ -275,39 +280,37 @@ class StackedExperts:
                 pv[slots[vp], :, positions] = v
             if decode:
                 a = ops.decode_attention(q, pk, pv, slots, starts + 1, self.scaling).reshape(N, hq * hd)
+            elif fresh:
+                a = ops.varlen_attention(qkv, lengths, hq, hk, self.scaling)
             else:
-                a = self._attend(qkv, i, vp, vt, pad, P, T, slots, end, mask)
+                a = self._attend_pool(q, i, vp, vt, pad, P, T, slots, end, mask)
+            if keep is not None and i == len(self.layers) - 1:  # what follows only the kept rows need
+                keep = keep.to(dev)
+                a, x, tok_expert = a[keep], x[keep], tok_expert[keep]
+                counts = torch.bincount(tok_expert, minlength=self.n_experts)
+                offs = torch.cumsum(counts, 0).to(torch.int32)
+                counts = counts.tolist()
             x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs)
             h = ops.grouped_rms_norm(x, layer["ln2"], tok_expert, self.eps)
             gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
             x = x + grouped_linear(self.act(gate) * up, layer["down"], counts, layer["down_b"], offs)
         return ops.grouped_rms_norm(x, self.norm, tok_expert, self.eps)
 
-    def _attend(self, qkv, i, vp, vt, pad, P, T, slots, end, mask) -> torch.Tensor:
-        """Attention of packed rows of several tokens per segment, from their (rotated) projections qkv
-        (N, (Hq + 2 Hk) hd): (N, Hq hd). Without slots each segment attends causally to itself; with
-        slots, to its pool slot (written already). Segments are padded to T once, all heads together."""
+    def _attend_pool(self, q, i, vp, vt, pad, P, T, slots, end, mask) -> torch.Tensor:
+        """Attention of packed query rows q (N, Hq, hd) of segments that continue a KV slot (written
+        already, keys and values up to ``end``): (N, Hq hd). The queries are padded to T per segment."""
         hq, hk, hd, N = self.heads, self.kv_heads, self.head_dim, len(vp)
-        if slots is None:
-            rows = qkv
-        else:  # the keys and values come from the pool: only the queries are laid out per segment
-            rows = qkv[:, :hq * hd]
-            pk, pv = self.pool.k[i], self.pool.v[i]
-            keys, values = pk[:, :, :end].index_select(0, slots), pv[:, :, :end].index_select(0, slots)
+        pk, pv = self.pool.k[i], self.pool.v[i]
+        keys, values = pk[:, :, :end].index_select(0, slots), pv[:, :, :end].index_select(0, slots)
+        rows = q.reshape(N, hq * hd)
         if pad is not None:  # zeros at the padding (never attended to by a real row, but it must not be NaN)
-            per_segment = rows.new_empty(P, T, rows.shape[1])
+            per_segment = rows.new_empty(P, T, hq * hd)
             per_segment[vp, vt] = rows
             per_segment[pad] = 0
         else:
-            per_segment = rows.view(P, T, rows.shape[1])
-        heads = per_segment.view(P, T, -1, hd).transpose(1, 2)  # (P, H, T, hd)
-        q = heads[:, :hq]
-        if slots is None:
-            a = F.scaled_dot_product_attention(q, heads[:, hq:hq + hk], heads[:, hq + hk:], is_causal=True,
-                                               scale=self.scaling, enable_gqa=hk != hq)
-        else:
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=hk != hq)
+            per_segment = rows.view(P, T, hq * hd)
+        a = F.scaled_dot_product_attention(per_segment.view(P, T, hq, hd).transpose(1, 2), keys, values,
+                                           attn_mask=mask, scale=self.scaling, enable_gqa=hk != hq)  # (P, Hq, T, hd)
         a = a.transpose(1, 2)[vp, vt] if pad is not None else a.transpose(1, 2).reshape(N, hq, hd)
         return a.reshape(N, hq * hd)
 

@@ -1,4 +1,4 @@
-// CPU decode attention over a pool of KV-cache slots: see attention_cpu.h.
+// CPU attention kernels: see attention_cpu.h.
 #include "attention_cpu.h"
 
 #include <omp.h>
@@ -6,7 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
+
+#include "distance_block.h"
 
 namespace cbtm::cpu {
 namespace {
@@ -69,6 +72,34 @@ void run(const T* q, const T* k, const T* v, const int64_t* slots, const int64_t
 }
 
 }  // namespace
+
+void varlen_attention(const float* qkv, int64_t ld, const int64_t* lengths, int64_t P, int64_t Hq, int64_t Hk,
+                      int64_t D, float scale, float* out) {
+  const PrefillIsa& isa = *active_isa().prefill;
+  const int64_t group = Hq / Hk, ldo = Hq * D;
+  std::vector<int64_t> start(P + 1, 0), order(P);
+  int64_t longest = 0, work = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    start[p + 1] = start[p] + lengths[p];
+    longest = std::max(longest, lengths[p]);
+    work += lengths[p] * lengths[p] * Hq * D;
+  }
+  std::iota(order.begin(), order.end(), 0);  // longest segments first: the dynamic schedule balances the rest
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  const int64_t tasks = P * Hk;
+#pragma omp parallel if (work > kParallelWork)
+  {
+    std::vector<float> buf(longest ? isa.work_floats(longest, D) : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t p = order[t / Hk], g = t % Hk, n = lengths[p];
+      if (n == 0) continue;
+      const float* rows = qkv + start[p] * ld;
+      isa.segment(rows + g * group * D, rows + (Hq + g) * D, rows + (Hq + Hk + g) * D, ld, n, group, D, scale,
+                  out + start[p] * ldo + g * group * D, ldo, buf.data());
+    }
+  }
+}
 
 void decode_attention(const void* q, const void* k, const void* v, DType dtype, const int64_t* slots,
                       const int64_t* lengths, int64_t P, int64_t Hq, int64_t Hk, int64_t L, int64_t D,

@@ -1,4 +1,5 @@
-// CPU decode attention over a pool of KV-cache slots (OpenMP).
+// CPU attention kernels (OpenMP): decode over a pool of KV-cache slots, and causal attention of packed
+// variable-length segments.
 #pragma once
 #include <cstdint>
 
@@ -13,5 +14,13 @@ namespace cbtm::cpu {
 void decode_attention(const void* q, const void* k, const void* v, DType dtype, const int64_t* slots,
                       const int64_t* lengths, int64_t P, int64_t Hq, int64_t Hk, int64_t L, int64_t D,
                       float scale, float* out);
+
+// Causal self-attention of P segments packed without padding (as flash-attn's varlen "qkvpacked"
+// call): segment p is the next lengths[p] rows of qkv (lengths may be 0). Row t of qkv holds its Hq
+// query heads, then Hk key heads, then Hk value heads, D floats each, with row stride ld; query head
+// h reads key/value head h / (Hq / Hk). out: (N, Hq * D) compact, float32. Callers check the shapes
+// and that scale > 0.
+void varlen_attention(const float* qkv, int64_t ld, const int64_t* lengths, int64_t P, int64_t Hq, int64_t Hk,
+                      int64_t D, float scale, float* out);
 
 }  // namespace cbtm::cpu

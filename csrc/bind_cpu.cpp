@@ -3,6 +3,7 @@
 
 #include <omp.h>
 
+#include <cmath>
 #include <memory>
 
 #include "attention_cpu.h"
@@ -113,6 +114,32 @@ void decode_attention(py::handle q, py::handle k, py::handle v, py::handle slots
                         oa.ptr<float>());
 }
 
+void varlen_attention(py::handle qkv, py::handle lengths, int64_t heads, int64_t kv_heads, double scale,
+                      py::handle out) {
+  Array xa(qkv, "qkv", false), la(lengths, "lengths", false), oa(out, "out", false);
+  xa.expect(DType::f32);
+  la.expect(DType::i64);
+  if (xa.ndim != 2 || !xa.row_contiguous() || (xa.rows() > 1 && xa.strides[0] < xa.cols()))
+    throw ValueError("qkv must be 2-D with unit column stride and non-overlapping rows");
+  if (heads < 1 || kv_heads < 1 || heads % kv_heads) throw ValueError("heads must be a positive multiple of kv_heads");
+  const int64_t n = xa.rows(), cols = heads + 2 * kv_heads;
+  if (xa.cols() % cols || xa.cols() == 0) throw ValueError("qkv's columns must be (heads + 2 kv_heads) * head_dim");
+  const int64_t D = xa.cols() / cols;
+  if (!la.compact() || la.cols() != 1) throw ValueError("lengths must be a compact int64 array of shape (P,)");
+  const int64_t P = la.rows();
+  const int64_t* lp = la.ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    if (lp[p] < 0) throw ValueError("lengths must be >= 0");
+    total += lp[p];
+  }
+  if (total != n) throw ValueError("lengths must sum to qkv's rows (" + std::to_string(n) + "), not " + std::to_string(total));
+  if (!(scale > 0) || !std::isfinite(scale)) throw ValueError("scale must be a positive finite number");
+  oa.expect_output(DType::f32, n, heads * D);
+  py::gil_scoped_release nogil;
+  cpu::varlen_attention(xa.ptr<float>(), xa.strides[0], lp, P, heads, kv_heads, D, (float)scale, oa.ptr<float>());
+}
+
 void grouped_rms_norm(py::handle x, py::handle weight, py::handle expert, double eps, py::handle out) {
   Array xa(x, "x", false), wa(weight, "weight", false), ea(expert, "expert", false), oa(out, "out", false);
   xa.expect(DType::f32);
@@ -156,6 +183,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("warm"), py::arg("labels"));
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("slots"),
         py::arg("lengths"), py::arg("kv_heads"), py::arg("length"), py::arg("scale"), py::arg("out"));
+  m.def("varlen_attention", &varlen_attention, py::arg("qkv"), py::arg("lengths"), py::arg("heads"),
+        py::arg("kv_heads"), py::arg("scale"), py::arg("out"));
   m.def("grouped_rms_norm", &grouped_rms_norm, py::arg("x"), py::arg("weight"), py::arg("expert"), py::arg("eps"),
         py::arg("out"));
   m.def("rotary", &rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("heads"));

@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "prefill_block.h"
+
 namespace cbtm::cpu {
 
 // Centres packed for one instruction set: panels of `np` centres, (d, np) each, zero padded.
@@ -24,13 +26,14 @@ struct Isa {
   int np;            // centres per panel
   int mr;            // points per register tile
   BlockFn block;
+  const PrefillIsa* prefill;  // the causal-attention micro-kernel of the same instruction set
 };
 
 namespace isa_avx512 { extern const Isa kIsa; }
 namespace isa_avx2 { extern const Isa kIsa; }
 namespace isa_generic { extern const Isa kIsa; }
 
-// The instruction set used: the best the CPU supports, or a lower one named by the environment
+// The instruction set of every CPU micro-kernel: the best the CPU supports, or a lower one named by the environment
 // variable CBTM_CPU_ISA (avx2, generic) read once; an unsupported or unknown name is an error.
 const Isa& active_isa();
 

@@ -69,6 +69,11 @@ def test_stacked_forward_without_cache_equals_each_expert(arch):
     for j, n in enumerate(lengths.tolist()):
         assert torch.allclose(got[a:a + n], want[j][:n], atol=1e-5), (arch, j)
         a += n
+    # keep: only some rows' hidden states (the others are context; the last layer skips their MLP)
+    keep = torch.tensor([0, 3, 10, 11, 14, 23])
+    with torch.no_grad():
+        kept = st.forward(seg, experts, torch.zeros(3, dtype=torch.long), lengths, keep=keep)
+    assert kept.shape == (6, h.shape[1]) and torch.allclose(kept, h[keep], atol=1e-5)
     # the experts still run their own forward (their parameters are views of the stacked weights)
     assert torch.allclose(models[1](input_ids=ids).logits[0], want[1], atol=1e-6)
 
@@ -211,6 +216,110 @@ def test_decode_attention_bad_input(case, match):
         slots = slots[:3]
     with pytest.raises((ValueError, TypeError), match=match):
         ops.decode_attention(q, k, v, slots, lengths, 0.3)
+
+
+# ---- causal attention of packed variable-length segments (ops.varlen_attention) ------------------
+
+
+def _packed(lengths, hq, hk, D, seed, scale_in=1.5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(sum(lengths), (hq + 2 * hk) * D, generator=g) * scale_in, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("hq,hk", [(1, 1), (4, 4), (4, 1), (6, 2)])
+@pytest.mark.parametrize("D", [1, 3, 16, 17, 64, 80, 128])
+@pytest.mark.parametrize("lengths", [[1], [5, 0, 3], [33, 1, 64, 17], [130, 7], [300, 255, 31, 2]])
+def test_varlen_attention_matches_ref(hq, hk, D, lengths):
+    """The kernel against the float64 per-segment reference over head counts (grouped-query too), awkward
+    head sizes (not a multiple of a vector) and segment lengths (empty, 1, around tile and panel edges);
+    bfloat16 inputs; and the padded PyTorch SDPA path that CUDA and autograd use."""
+    from cbtm import ops
+
+    qkv, lengths = _packed(lengths, hq, hk, D, seed=D * 100 + hq)
+    scale = D ** -0.5
+    want = ops.varlen_attention_ref(qkv.double(), lengths, hq, hk, scale)
+    got = ops.varlen_attention(qkv, lengths, hq, hk, scale)
+    assert got.dtype == torch.float32 and got.shape == (qkv.shape[0], hq * D)
+    assert (got.double() - want).abs().max() <= 2e-5
+    assert (ops._varlen_attention_torch(qkv, lengths, hq, hk, scale).double() - want).abs().max() <= 2e-5
+    bf = ops.varlen_attention(qkv.bfloat16(), lengths, hq, hk, scale)
+    want_bf = ops.varlen_attention_ref(qkv.bfloat16().double(), lengths, hq, hk, scale)
+    assert bf.dtype == torch.bfloat16 and (bf.double() - want_bf).abs().max() <= 2e-2
+
+
+def test_varlen_attention_is_causal_within_each_segment():
+    """A row sees only the rows before it in its own segment: changing later rows (to huge values or NaN)
+    or other segments leaves it bit for bit the same; a strided qkv (a view of a wider tensor) is read as is."""
+    from cbtm import ops
+
+    qkv, lengths = _packed([40, 1, 70, 9], 4, 2, 24, seed=3)
+    before = ops.varlen_attention(qkv, lengths, 4, 2, 0.2)
+    poisoned = qkv.clone()
+    poisoned[41 + 30:111] = float("nan")  # segment 2 after its row 30
+    poisoned[111:] = 1e30  # segment 3
+    after = ops.varlen_attention(poisoned, lengths, 4, 2, 0.2)
+    assert torch.equal(after[:41 + 30], before[:41 + 30])
+    assert after[41 + 30:].isnan().any()
+    wide = torch.zeros(qkv.shape[0], qkv.shape[1] + 5)
+    wide[:, 2:2 + qkv.shape[1]] = qkv
+    assert torch.equal(ops.varlen_attention(wide[:, 2:2 + qkv.shape[1]], lengths, 4, 2, 0.2), before)
+
+
+def test_varlen_attention_every_instruction_set():
+    """Each micro-kernel this CPU can run (CBTM_CPU_ISA picks it; it is read once per process) against
+    the float64 reference."""
+    import os
+    import subprocess
+    import sys
+
+    from cbtm import ops
+
+    best = ops._cpu_module().cpu_isa()
+    isas = {"avx512": ["avx512", "avx2", "generic"], "avx2": ["avx2", "generic"]}.get(best, [best])
+    code = ("import torch, sys; from cbtm import ops; from cbtm._C import cpu_isa\n"
+            "g = torch.Generator().manual_seed(0); worst = 0.0\n"
+            "for hq, hk, D, lens in [(4, 2, 64, [200, 13, 1]), (3, 3, 17, [47, 0, 96]), (2, 1, 5, [9])]:\n"
+            "    qkv = torch.randn(sum(lens), (hq + 2 * hk) * D, generator=g); n = torch.tensor(lens)\n"
+            "    d = ops.varlen_attention(qkv, n, hq, hk, D ** -0.5).double() - "
+            "ops.varlen_attention_ref(qkv.double(), n, hq, hk, D ** -0.5)\n"
+            "    worst = max(worst, float(d.abs().max()))\n"
+            "print(cpu_isa(), worst)\n")
+    for isa in isas:
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CBTM_CPU_ISA": isa},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        name, worst = out.stdout.split()
+        assert name == isa and float(worst) <= 2e-5, (isa, worst)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("sum", "summing to qkv's 12 rows"), ("negative", "integers >= 0"), ("columns", "not \\(heads \\+ 2 kv_heads\\)"),
+    ("heads", "not \\(heads \\+ 2 kv_heads\\)"), ("scale", "scale must be positive"), ("nan_scale", "scale must be positive"),
+    ("ndim", "2-D float tensor"), ("int", "2-D float tensor"), ("numpy", "takes torch tensors")])
+def test_varlen_attention_bad_input(case, match):
+    from cbtm import ops
+
+    qkv, lengths, hq, hk, scale = torch.randn(12, 4 * 8), torch.tensor([5, 7]), 2, 1, 0.3
+    if case == "sum":
+        lengths = torch.tensor([5, 6])
+    elif case == "negative":
+        lengths = torch.tensor([13, -1])
+    elif case == "columns":
+        qkv = torch.randn(12, 4 * 8 + 1)
+    elif case == "heads":
+        hq = 3
+    elif case == "scale":
+        scale = 0.0
+    elif case == "nan_scale":
+        scale = float("nan")
+    elif case == "ndim":
+        qkv = qkv.view(12, 4, 8)
+    elif case == "int":
+        qkv = qkv.long()
+    elif case == "numpy":
+        qkv = qkv.numpy()
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.varlen_attention(qkv, lengths, hq, hk, scale)
 
 
 # ---- the layers' small fused kernels (ops.grouped_rms_norm, ops.rotary_) -------------------------
