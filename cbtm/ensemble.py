@@ -278,18 +278,16 @@ class Ensemble:
             valid = torch.arange(T)[None, :] < n[:, None]  # (P, T)
             keep = wanted[r, :T, j][valid]  # the packed rows whose log-probs are wanted
             with torch.no_grad():
-                h = st.forward(inputs[r, :T], j, torch.zeros_like(n), n, keep=keep.nonzero().flatten())  # (kept, d)
+                h = st.forward(inputs[r, :T], j, torch.zeros_like(n), n,
+                               keep=None if keep.all() else keep.nonzero().flatten())  # (kept, d)
                 tgt = targets[r, :T][valid][keep]
                 rows = r[:, None].expand_as(valid)[valid][keep]
                 cols = torch.arange(T).expand_as(valid)[valid][keep]
-                per_expert = torch.bincount(j.repeat_interleave(n)[keep], minlength=self.n_experts).tolist()
-                a = 0
-                for e, m in enumerate(per_expert):
-                    if m:
-                        out = linear_target_logprobs(h[a:a + m], st.head[e].T, tgt[a:a + m].to(h.device))
-                        lp[e, rows[a:a + m], cols[a:a + m]] = out.float().cpu()
-                        self.expert_calls[e] += int((j == e).sum())
-                        a += m
+                expert = j.repeat_interleave(n)[keep]
+                lp[expert, rows, cols] = st.target_logprobs(h, torch.bincount(expert, minlength=self.n_experts).tolist(),
+                                                            tgt).cpu()
+            for e, m in enumerate(torch.bincount(j, minlength=self.n_experts).tolist()):
+                self.expert_calls[e] += m
 
     def _posterior_logw(self, lp: torch.Tensor, rows: list, n_texts: int) -> torch.Tensor:
         """BTM posterior weights before each token: log prior + log-likelihood of the earlier

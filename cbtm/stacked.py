@@ -18,10 +18,12 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import ops
+from .training.loss import CHUNK_ELEMENTS
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 CHECK_TOKENS = 12   # tokens of the self-check forward against transformers
@@ -331,6 +333,23 @@ class StackedExperts:
         counts = list(counts) + [0] * (self.n_experts - len(counts))
         offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(h.device)
         return grouped_linear(h, self.head, counts, None, offs)
+
+    def target_logprobs(self, h: torch.Tensor, counts: Sequence[int], targets: torch.Tensor) -> torch.Tensor:
+        """``log_softmax(logits)[n, targets[n]]`` (N,) float32 of final hidden states h (N, d) grouped by
+        expert (``counts[j]`` rows each): chunks of rows, each one grouped matmul whatever experts it
+        spans, then cross-entropy; the (N, V) logits are never held."""
+        counts = list(counts) + [0] * (self.n_experts - len(counts))
+        n, V = h.shape[0], self.head.shape[2]
+        expert = np.repeat(np.arange(self.n_experts), counts)  # (N,)
+        chunk = max(1, CHUNK_ELEMENTS // V)
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
+        targets = targets.to(h.device)
+        for a in range(0, n, chunk):
+            c = np.bincount(expert[a:a + chunk], minlength=self.n_experts)
+            z = grouped_linear(h[a:a + chunk], self.head, c.tolist(), None,
+                               torch.from_numpy(np.cumsum(c).astype(np.int32)).to(h.device))  # (chunk, V)
+            out[a:a + chunk] = -F.cross_entropy(z.float(), targets[a:a + chunk], reduction="none")
+        return out
 
     # ---- KV slots ---------------------------------------------------------------------------------
 

@@ -78,6 +78,29 @@ def test_stacked_forward_without_cache_equals_each_expert(arch):
     assert torch.allclose(models[1](input_ids=ids).logits[0], want[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("rows_per_chunk", [1, 5, 1000])
+def test_target_logprobs_equal_each_experts_log_softmax(rows_per_chunk, monkeypatch):
+    """Log-probs at the targets from rows grouped by expert (an empty expert among them), in chunks that
+    cut across experts, against each expert's own float64 log-softmax."""
+    from cbtm import stacked as stacked_module
+
+    models = _experts("llama", k=4)
+    st = StackedExperts.build(models)
+    monkeypatch.setattr(stacked_module, "CHUNK_ELEMENTS", rows_per_chunk * st.head.shape[2])
+    g = torch.Generator().manual_seed(rows_per_chunk)
+    counts = [7, 0, 3, 12]
+    h = torch.randn(sum(counts), st.head.shape[1], generator=g)
+    targets = torch.randint(0, st.head.shape[2], (sum(counts),), generator=g)
+    got = st.target_logprobs(h, counts, targets)
+    a, want = 0, []
+    for j, n in enumerate(counts):
+        logits = h[a:a + n].double() @ models[j].lm_head.weight.double().T
+        want.append(torch.log_softmax(logits, -1).gather(1, targets[a:a + n, None])[:, 0])
+        a += n
+    assert got.dtype == torch.float32 and got.shape == (sum(counts),)
+    assert torch.allclose(got.double(), torch.cat(want), atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2"])
 def test_cached_prefill_catch_up_and_decode_in_one_call(arch):
     """Pairs continue their KV slots: a decode row, a catch-up of 3 tokens and a fresh prefill share
