@@ -325,6 +325,17 @@ def test_engine_on_cuda_equals_cpu(request, which, monkeypatch):
             assert np.allclose(a, b, atol=1e-3)
 
 
+@pytest.mark.gpu
+def test_stacked_scoring_on_cuda_equals_cpu(llama_run, texts):
+    """Scoring with the stacked experts on a GPU (padded SDPA for the packed segments, the grouped output
+    layer) gives the CPU's log-probs, top-1 and top-2."""
+    for top_k in (1, 2):
+        cpu = Ensemble.load(llama_run, top_k=top_k).score(texts)
+        gpu = Ensemble.load(llama_run, top_k=top_k, device="cuda")
+        assert gpu.stacked() is not None
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(cpu, gpu.score(texts)))
+
+
 @pytest.mark.parametrize("top_k", [1, None])
 def test_generation_past_the_context_slides_like_the_reference(llama_run, top_k):
     """60 new tokens through a 48-token context: every pair's KV slot is freed and refilled when the

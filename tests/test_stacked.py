@@ -270,6 +270,18 @@ def test_varlen_attention_matches_ref(hq, hk, D, lengths):
     assert bf.dtype == torch.bfloat16 and (bf.double() - want_bf).abs().max() <= 2e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_attention_on_cuda_matches_ref(dtype):
+    from cbtm import ops
+
+    qkv, lengths = _packed([130, 1, 0, 64, 17], 8, 2, 64, seed=5)
+    want = ops.varlen_attention_ref(qkv.double(), lengths, 8, 2, 0.125)
+    got = ops.varlen_attention(qkv.to("cuda", dtype), lengths, 8, 2, 0.125)
+    assert got.is_cuda and got.dtype == dtype
+    assert (got.cpu().double() - want).abs().max() <= (2e-5 if dtype == torch.float32 else 3e-2)
+
+
 def test_varlen_attention_is_causal_within_each_segment():
     """A row sees only the rows before it in its own segment: changing later rows (to huge values or NaN)
     or other segments leaves it bit for bit the same; a strided qkv (a view of a wider tensor) is read as is."""
