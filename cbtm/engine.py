@@ -410,9 +410,7 @@ class Engine:
 
     def _mix(self, table: torch.Tensor, idx: np.ndarray, logw: np.ndarray) -> torch.Tensor:
         """Mixture log-probs (R, V): row r mixes table rows ``idx[:, r]`` with log-weights ``logw[r]``."""
-        dev = self.ens.mix_device
-        return ops.weighted_logsumexp([table.index_select(0, torch.from_numpy(i).to(dev)) for i in idx],
-                                      torch.from_numpy(logw).float().to(dev)).cpu()
+        return ops.weighted_logsumexp_rows(table, torch.from_numpy(idx), torch.from_numpy(logw).float()).cpu()
 
     def _run(self, seqs: Sequence[SequenceState], weights: Sequence[np.ndarray]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """Run the routed experts: their logits (M, V) at the positions the weights (n_b, K) route to,

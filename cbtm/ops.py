@@ -554,10 +554,58 @@ def rotary_ref(x, cos, sin):
 def weighted_logsumexp(logits, log_weights):
     """Mixed next-token log-probs: float32 (B, V) with
     ``out[b, v] = logsumexp_j(log_weights[b, j] + log_softmax(logits[j][b])[v])``.
-    logits: k tensors (B, V) or one (k, B, V); log_weights: (B, k), -inf skips an expert."""
+    logits: k tensors (B, V) or one (k, B, V); log_weights: (B, k), -inf skips an expert (its logits are
+    never read). CPU float32 / bfloat16 logits run the C++ kernel (one pass per expert row for its
+    normaliser, one for the mixture); CUDA runs the Triton kernels; anything else the PyTorch reference."""
     from .kernels import mixture
 
-    return mixture.weighted_logsumexp(logits, log_weights)
+    if not _mixture_in_cpp(logits):
+        return mixture.weighted_logsumexp(logits, log_weights)
+    xs, lw, _, B, V = mixture.validate_inputs(logits, log_weights, None, (torch.float32, torch.bfloat16))
+    return _mixture_rows_cpp(xs, torch.arange(B).expand(len(xs), B), lw, V)
+
+
+def weighted_logsumexp_rows(table, idx, log_weights):
+    """:func:`weighted_logsumexp` of rows gathered from one table of logits, without the gather:
+    ``out[b] = logsumexp_j(log_weights[b, j] + log_softmax(table[idx[j, b]]))``. table: (M, V);
+    idx: (k, B) integers (read only where the weight is > -inf); log_weights: (B, k). Float32 (B, V)."""
+    if not _is_torch(table) or not _is_torch(idx) or not _is_torch(log_weights):
+        raise TypeError("weighted_logsumexp_rows takes torch tensors")
+    if table.ndim != 2 or idx.ndim != 2 or tuple(log_weights.shape) != (idx.shape[1], idx.shape[0]):
+        raise ValueError(f"weighted_logsumexp_rows: table (M, V), idx (k, B) and log_weights (B, k) expected, got "
+                         f"{tuple(table.shape)}, {tuple(idx.shape)}, {tuple(log_weights.shape)}")
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise TypeError(f"weighted_logsumexp_rows: idx must be integers, got {idx.dtype}")
+    if not _mixture_in_cpp(table):
+        from .kernels import mixture
+
+        idx = idx.to(table.device)
+        lw = log_weights.to(table.device)
+        used = (lw > float("-inf")).T  # (k, B): the rows each expert rank must provide
+        rows = [table.index_select(0, torch.where(u, i, 0)) for i, u in zip(idx, used)]
+        return mixture.weighted_logsumexp(rows, lw)
+    lw = log_weights.to(torch.float32)
+    if bool((lw.isnan() | lw.isposinf()).any()):
+        raise ValueError("log_weights contain NaN or +inf (use -inf to drop an expert from a row)")
+    return _mixture_rows_cpp([table] * idx.shape[0], idx, lw, table.shape[1])
+
+
+
+def _mixture_in_cpp(logits) -> bool:
+    """Whether these logits (a tensor or the first of a sequence) take the C++ mixture kernel."""
+    from .kernels import mixture
+
+    first = logits if _is_torch(logits) else next(iter(logits), None)
+    return (_is_torch(first) and first.device.type == "cpu" and first.dtype in (torch.float32, torch.bfloat16)
+            and not first.requires_grad and mixture.mixture_backend(first) == "torch")
+
+
+def _mixture_rows_cpp(tables, idx, lw, V: int):
+    B = lw.shape[0]
+    out = torch.empty(B, V, dtype=torch.float32)
+    tables = [t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in tables]
+    _cpu_module().weighted_logsumexp_rows(tables, idx.to(torch.int64).contiguous(), lw.contiguous(), out)
+    return out
 
 
 def weighted_logsumexp_target(logits, log_weights, target):

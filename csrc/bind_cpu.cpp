@@ -4,12 +4,15 @@
 #include <omp.h>
 
 #include <cmath>
+#include <limits>
 #include <memory>
+#include <vector>
 
 #include "attention_cpu.h"
 #include "binding.h"
 #include "centroid_cpu.h"
 #include "layers_cpu.h"
+#include "mixture_cpu.h"
 #include "distance_cpu.h"
 
 namespace py = pybind11;
@@ -140,6 +143,45 @@ void varlen_attention(py::handle qkv, py::handle lengths, int64_t heads, int64_t
   cpu::varlen_attention(xa.ptr<float>(), xa.strides[0], lp, P, heads, kv_heads, D, (float)scale, oa.ptr<float>());
 }
 
+void weighted_logsumexp_rows(py::list tables, py::handle idx, py::handle log_weights, py::handle out) {
+  const int64_t k = (int64_t)py::len(tables);
+  if (k < 1) throw ValueError("tables: at least one table is needed");
+  std::vector<std::unique_ptr<Array>> ta;
+  std::vector<const void*> ptrs;
+  std::vector<int64_t> ld;
+  for (py::handle t : tables) {
+    ta.push_back(std::make_unique<Array>(t, "tables", false));
+    const Array& a = *ta.back();
+    if (a.ndim != 2 || !a.row_contiguous()) throw ValueError("tables must be 2-D with unit column stride");
+    if (a.dtype != ta[0]->dtype || a.cols() != ta[0]->cols()) throw ValueError("tables must share one dtype and width");
+    ptrs.push_back(a.data);
+    ld.push_back(a.strides[0]);
+  }
+  const DType dtype = ta[0]->dtype;
+  if (dtype != DType::f32 && dtype != DType::bf16) throw ValueError("tables must be float32 or bfloat16");
+  const int64_t V = ta[0]->cols();
+  if (V < 1) throw ValueError("tables have no columns");
+  Array ia(idx, "idx", false), wa(log_weights, "log_weights", false), oa(out, "out", false);
+  ia.expect(DType::i64);
+  wa.expect(DType::f32);
+  if (!wa.compact() || wa.ndim != 2 || wa.cols() != k) throw ValueError("log_weights must be a compact (B, k) array");
+  const int64_t B = wa.rows();
+  if (!ia.compact() || ia.ndim != 2 || ia.rows() != k || ia.cols() != B) throw ValueError("idx must be a compact (k, B) array");
+  oa.expect_output(DType::f32, B, V);
+  const int64_t* ip = ia.ptr<int64_t>();
+  const float* wp = wa.ptr<float>();
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t b = 0; b < B; ++b) {
+      const float w = wp[b * k + j];
+      if (std::isnan(w) || w == std::numeric_limits<float>::infinity())
+        throw ValueError("log_weights contain NaN or +inf (use -inf to drop an expert from a row)");
+      if (w != -std::numeric_limits<float>::infinity() && (ip[j * B + b] < 0 || ip[j * B + b] >= ta[j]->rows()))
+        throw ValueError("idx: row " + std::to_string(ip[j * B + b]) + " is outside table " + std::to_string(j));
+    }
+  py::gil_scoped_release nogil;
+  cpu::weighted_logsumexp_rows(ptrs.data(), ld.data(), dtype, ip, wp, k, B, V, oa.ptr<float>());
+}
+
 void grouped_rms_norm(py::handle x, py::handle weight, py::handle expert, double eps, py::handle out) {
   Array xa(x, "x", false), wa(weight, "weight", false), ea(expert, "expert", false), oa(out, "out", false);
   xa.expect(DType::f32);
@@ -185,6 +227,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lengths"), py::arg("kv_heads"), py::arg("length"), py::arg("scale"), py::arg("out"));
   m.def("varlen_attention", &varlen_attention, py::arg("qkv"), py::arg("lengths"), py::arg("heads"),
         py::arg("kv_heads"), py::arg("scale"), py::arg("out"));
+  m.def("weighted_logsumexp_rows", &weighted_logsumexp_rows, py::arg("tables"), py::arg("idx"), py::arg("log_weights"),
+        py::arg("out"));
   m.def("grouped_rms_norm", &grouped_rms_norm, py::arg("x"), py::arg("weight"), py::arg("expert"), py::arg("eps"),
         py::arg("out"));
   m.def("rotary", &rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("heads"));

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "mixture_block.h"
 #include "prefill_block.h"
 
 namespace cbtm::cpu {
@@ -27,6 +28,7 @@ struct Isa {
   int mr;            // points per register tile
   BlockFn block;
   const PrefillIsa* prefill;  // the causal-attention micro-kernel of the same instruction set
+  const MixtureIsa* mixture;  // the mixture micro-kernels of the same instruction set
 };
 
 namespace isa_avx512 { extern const Isa kIsa; }

@@ -257,7 +257,7 @@ def mixture_backend(tensor: Logits) -> str:
     return "torch"
 
 
-def _validate(logits: Logits, log_weights: torch.Tensor, target: Optional[torch.Tensor], dtypes):
+def validate_inputs(logits: Logits, log_weights: torch.Tensor, target: Optional[torch.Tensor], dtypes):
     """Check the inputs; return (list of k [B, V] tensors, float32 log weights [B, k], target, B, V)."""
     if isinstance(logits, torch.Tensor):
         if logits.dim() != 3:
@@ -337,7 +337,7 @@ def _compute_dtype(dtype: torch.dtype, upcast) -> torch.dtype:
 def weighted_logsumexp_ref(logits: Logits, log_weights: torch.Tensor, upcast=True) -> torch.Tensor:
     """Plain-PyTorch ``weighted_logsumexp``: float64 when ``upcast`` (default), the input dtype when
     ``upcast=False``, or any float dtype given as ``upcast``; the result has that dtype."""
-    xs, lw, _, B, V = _validate(logits, log_weights, None, _REF_DTYPES)
+    xs, lw, _, B, V = validate_inputs(logits, log_weights, None, _REF_DTYPES)
     dt = _compute_dtype(xs[0].dtype, upcast)
     neg_inf = torch.tensor(float("-inf"), dtype=dt, device=xs[0].device)
     active = lw > float("-inf")  # [B, k]
@@ -360,7 +360,7 @@ def weighted_logsumexp_ref(logits: Logits, log_weights: torch.Tensor, upcast=Tru
 def weighted_logsumexp_target_ref(logits: Logits, log_weights: torch.Tensor, target: torch.Tensor,
                                   upcast=True) -> torch.Tensor:
     """Plain-PyTorch ``weighted_logsumexp_target`` (same ``upcast`` convention)."""
-    xs, lw, target, B, V = _validate(logits, log_weights, target, _REF_DTYPES)
+    xs, lw, target, B, V = validate_inputs(logits, log_weights, target, _REF_DTYPES)
     dt = _compute_dtype(xs[0].dtype, upcast)
     neg_inf = torch.tensor(float("-inf"), dtype=dt, device=xs[0].device)
     terms = neg_inf.expand(B, len(xs)).clone()
@@ -415,7 +415,7 @@ def weighted_logsumexp_triton(logits: Logits, log_weights: torch.Tensor, *,
     ``block_v`` (a power of two; tests and tuning): rows with V <= block_v use the fused one-read
     kernel with that block, longer rows the two-kernel path with chunks of block_v.  Default:
     fused up to ``FUSED_MAX_V``, else chunks of 4096 (lse pass) and 2048 (mix pass)."""
-    xs, lw, _, B, V = _validate(logits, log_weights, None, TRITON_DTYPES)
+    xs, lw, _, B, V = validate_inputs(logits, log_weights, None, TRITON_DTYPES)
     kern = _triton_kernels()
     k = len(xs)
     dev = xs[0].device
@@ -443,7 +443,7 @@ def weighted_logsumexp_target_triton(logits: Logits, log_weights: torch.Tensor, 
                                      block_v: Optional[int] = None) -> torch.Tensor:
     """Triton ``weighted_logsumexp_target`` -> float32 [B]; reads each active logit once and
     writes no B x V output.  ``block_v``: chunk length of the streaming pass (power of two)."""
-    xs, lw, target, B, V = _validate(logits, log_weights, target, TRITON_DTYPES)
+    xs, lw, target, B, V = validate_inputs(logits, log_weights, target, TRITON_DTYPES)
     kern = _triton_kernels()
     k = len(xs)
     dev = xs[0].device

@@ -50,3 +50,28 @@ def pytest_collection_modifyitems(config, items):
 def rng(request):
     """numpy Generator seeded from the test's node id: reproducible, different for every test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def worst_on_every_isa():
+    """Run a snippet that sets ``worst`` (an error) once per CPU micro-kernel instruction set this machine
+    can run, each in its own process (``CBTM_CPU_ISA`` is read once per process): {isa: worst}."""
+    import subprocess
+    import sys
+
+    def run(code: str, **env) -> dict:
+        from cbtm import ops
+
+        best = ops._cpu_module().cpu_isa()
+        out = {}
+        for isa in {"avx512": ["avx512", "avx2", "generic"], "avx2": ["avx2", "generic"]}.get(best, [best]):
+            done = subprocess.run([sys.executable, "-c", code + "\nfrom cbtm._C import cpu_isa\nprint(cpu_isa(), worst)\n"],
+                                  env={**os.environ, **env, "CBTM_CPU_ISA": isa}, capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 0, done.stderr
+            name, worst = done.stdout.split()
+            assert name == isa
+            out[isa] = float(worst)
+        return out
+
+    return run

@@ -300,31 +300,17 @@ def test_varlen_attention_is_causal_within_each_segment():
     assert torch.equal(ops.varlen_attention(wide[:, 2:2 + qkv.shape[1]], lengths, 4, 2, 0.2), before)
 
 
-def test_varlen_attention_every_instruction_set():
-    """Each micro-kernel this CPU can run (CBTM_CPU_ISA picks it; it is read once per process) against
-    the float64 reference."""
-    import os
-    import subprocess
-    import sys
-
-    from cbtm import ops
-
-    best = ops._cpu_module().cpu_isa()
-    isas = {"avx512": ["avx512", "avx2", "generic"], "avx2": ["avx2", "generic"]}.get(best, [best])
-    code = ("import torch, sys; from cbtm import ops; from cbtm._C import cpu_isa\n"
+def test_varlen_attention_every_instruction_set(worst_on_every_isa):
+    """Each micro-kernel this CPU can run against the float64 reference."""
+    code = ("import torch; from cbtm import ops\n"
             "g = torch.Generator().manual_seed(0); worst = 0.0\n"
             "for hq, hk, D, lens in [(4, 2, 64, [200, 13, 1]), (3, 3, 17, [47, 0, 96]), (2, 1, 5, [9])]:\n"
             "    qkv = torch.randn(sum(lens), (hq + 2 * hk) * D, generator=g); n = torch.tensor(lens)\n"
             "    d = ops.varlen_attention(qkv, n, hq, hk, D ** -0.5).double() - "
             "ops.varlen_attention_ref(qkv.double(), n, hq, hk, D ** -0.5)\n"
-            "    worst = max(worst, float(d.abs().max()))\n"
-            "print(cpu_isa(), worst)\n")
-    for isa in isas:
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CBTM_CPU_ISA": isa},
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        name, worst = out.stdout.split()
-        assert name == isa and float(worst) <= 2e-5, (isa, worst)
+            "    worst = max(worst, float(d.abs().max()))\n")
+    for isa, worst in worst_on_every_isa(code).items():
+        assert worst <= 2e-5, (isa, worst)
 
 
 @pytest.mark.parametrize("case,match", [

@@ -6,9 +6,11 @@ case), log weights ``log_softmax`` of random scores; "top-2" rows keep the two l
 row and set the others to -inf (the C-BTM default), so only 2 of the k experts are read per row.
 
 Methods:
+- ``cbtm C++`` (CPU): ``cbtm.ops.weighted_logsumexp`` on CPU float32 / bfloat16 logits, the per-ISA C++
+  kernel (one pass per used expert row for its normaliser, one for the mixture; what the engine runs);
 - ``triton``: ``weighted_logsumexp_triton`` / ``weighted_logsumexp_target_triton`` (``--device cuda``;
   on CPU only under TRITON_INTERPRET=1 and at tiny sizes, so not timed there);
-- ``torch fallback``: the plain-PyTorch reference in float32 (what cbtm runs on CPU);
+- ``torch fallback``: the plain-PyTorch reference in float32 (what cbtm ran on CPU before the C++ kernel);
 - ``torch compile``: that reference through ``torch.compile``, for the ``COMPILED`` shapes only
   (B=8192, k=4, V=50272 on CUDA; compilation excluded from the time);
 - ``naive`` (anchor): stack the k float32 log-softmaxes, add the log weights, ``torch.logsumexp``
@@ -31,7 +33,7 @@ FULL_CUDA = [(8, 50272, 8, torch.bfloat16, "all"), (256, 50272, 8, torch.bfloat1
 TARGET_CUDA = [(4096, 50272, 8, torch.bfloat16, "all"), (4096, 50272, 8, torch.bfloat16, "top-2"),
                (8192, 32000, 4, torch.bfloat16, "all"), (8192, 50272, 4, torch.bfloat16, "all")]
 FULL_CPU = [(32, 50272, 4, torch.bfloat16, "all"), (32, 50272, 8, torch.bfloat16, "top-2"),
-            (128, 8192, 8, torch.float32, "all")]
+            (128, 8192, 8, torch.float32, "all"), (64, 8192, 8, torch.float32, "top-2")]
 TARGET_CPU = [(256, 50272, 4, torch.bfloat16, "all"), (256, 50272, 8, torch.bfloat16, "top-2")]
 ERR_ROWS = 8  # rows compared with the float64 reference
 COMPILED = (50272, 4, torch.bfloat16, "all")  # (V, k, dtype, routing) of the cases also timed under torch.compile
@@ -75,6 +77,7 @@ def _bytes(B, V, k_active, elem, full):
 
 
 def _section(cases, full, device, args, copy_gbs, rows, use_triton):
+    from cbtm import ops
     from cbtm.kernels import mixture as mx
 
     sync = torch.cuda.synchronize if device == "cuda" else None
@@ -90,6 +93,8 @@ def _section(cases, full, device, args, copy_gbs, rows, use_triton):
             methods = {"torch fallback": lambda: fallback(xs, lw), "naive": lambda: _naive(xs, lw)}
             if use_triton:
                 methods = {"triton": lambda: mx.weighted_logsumexp_triton(xs, lw), **methods}
+            elif ops._mixture_in_cpp(xs):
+                methods = {"cbtm C++": lambda: ops.weighted_logsumexp(xs, lw), **methods}
             exact = mx.weighted_logsumexp_ref([x[:ERR_ROWS] for x in xs], lw[:ERR_ROWS])
         else:
             fallback = lambda xs, lw: mx.weighted_logsumexp_target_ref(xs, lw, target, upcast=torch.float32)  # noqa: E731
