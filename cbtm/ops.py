@@ -556,7 +556,8 @@ def weighted_logsumexp(logits, log_weights):
     ``out[b, v] = logsumexp_j(log_weights[b, j] + log_softmax(logits[j][b])[v])``.
     logits: k tensors (B, V) or one (k, B, V); log_weights: (B, k), -inf skips an expert (its logits are
     never read). CPU float32 / bfloat16 logits run the C++ kernel (one pass per expert row for its
-    normaliser, one for the mixture); CUDA runs the Triton kernels; anything else the PyTorch reference."""
+    normaliser, one for the mixture) unless TRITON_INTERPRET=1 asks for the Triton kernels, which CUDA
+    runs; anything else runs the PyTorch reference."""
     from .kernels import mixture
 
     if not _mixture_in_cpp(logits):
