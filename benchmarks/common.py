@@ -85,7 +85,8 @@ def cpu_name():
 
 def vector_isa():
     """The CPU's widest vector instruction set ("AVX-512", "AVX2", "NEON", "SSE" or "unknown") and the
-    one cbtm's CPU distance kernels use (``cbtm._C.cpu_isa()``; ``CBTM_CPU_ISA`` can lower it)."""
+    one cbtm's CPU micro-kernels (distance, attention, mixture) use (``cbtm._C.cpu_isa()``;
+    ``CBTM_CPU_ISA`` can lower it)."""
     flags = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

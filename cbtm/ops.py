@@ -47,6 +47,9 @@ __all__ = [
     "grouped_rms_norm_ref",
     "rotary_",
     "rotary_ref",
+    "varlen_attention",
+    "varlen_attention_ref",
+    "weighted_logsumexp_rows",
     "last_solve_stats",
     "total_cost",
     "weighted_logsumexp",
@@ -562,8 +565,8 @@ def weighted_logsumexp(logits, log_weights):
 
     if not _mixture_in_cpp(logits):
         return mixture.weighted_logsumexp(logits, log_weights)
-    xs, lw, _, B, V = mixture.validate_inputs(logits, log_weights, None, (torch.float32, torch.bfloat16))
-    return _mixture_rows_cpp(xs, torch.arange(B).expand(len(xs), B), lw, V)
+    xs, lw, _, B, _ = mixture.validate_inputs(logits, log_weights, None, (torch.float32, torch.bfloat16))
+    return _mixture_rows_cpp(xs, torch.arange(B).expand(len(xs), B), lw)
 
 
 def weighted_logsumexp_rows(table, idx, log_weights):
@@ -585,11 +588,7 @@ def weighted_logsumexp_rows(table, idx, log_weights):
         used = (lw > float("-inf")).T  # (k, B): the rows each expert rank must provide
         rows = [table.index_select(0, torch.where(u, i, 0)) for i, u in zip(idx, used)]
         return mixture.weighted_logsumexp(rows, lw)
-    lw = log_weights.to(torch.float32)
-    if bool((lw.isnan() | lw.isposinf()).any()):
-        raise ValueError("log_weights contain NaN or +inf (use -inf to drop an expert from a row)")
-    return _mixture_rows_cpp([table] * idx.shape[0], idx, lw, table.shape[1])
-
+    return _mixture_rows_cpp([table] * idx.shape[0], idx, log_weights.to(torch.float32))
 
 
 def _mixture_in_cpp(logits) -> bool:
@@ -601,9 +600,10 @@ def _mixture_in_cpp(logits) -> bool:
             and not first.requires_grad and mixture.mixture_backend(first) == "torch")
 
 
-def _mixture_rows_cpp(tables, idx, lw, V: int):
-    B = lw.shape[0]
-    out = torch.empty(B, V, dtype=torch.float32)
+def _mixture_rows_cpp(tables, idx, lw):
+    """The C++ mixture of rows ``idx[j, b]`` of ``tables[j]`` (B, V each): float32 (B, V). The kernel
+    checks the weights (no NaN or +inf) and the rows it reads."""
+    out = torch.empty(lw.shape[0], tables[0].shape[1], dtype=torch.float32)
     tables = [t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in tables]
     _cpu_module().weighted_logsumexp_rows(tables, idx.to(torch.int64).contiguous(), lw.contiguous(), out)
     return out

@@ -233,5 +233,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"));
   m.def("rotary", &rotary, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("heads"));
   m.def("num_threads", [] { return omp_get_max_threads(); });
-  m.def("cpu_isa", &cpu::isa_name, "instruction set of the distance kernels: avx512, avx2 or generic");
+  m.def("cpu_isa", &cpu::isa_name, "instruction set of the CPU micro-kernels (distance, attention, mixture): avx512, avx2 or generic");
 }
