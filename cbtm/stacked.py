@@ -30,6 +30,8 @@ CHECK_TOKENS = 12   # tokens of the self-check forward against transformers
 CHECK_ATOL = 1e-3   # its tolerance on the logits (float32; half precision is checked 20x looser)
 POOL_SLOTS = 16     # KV slots allocated at first (the pool doubles when full)
 POOL_LENGTH = 128   # positions per slot allocated at first (doubles up to the experts' context)
+MLP_BLOCK_BYTES = 1 << 22  # gated-MLP activations computed at once (row blocks: a large fresh allocation
+                           # is page-faulted in again on every call, ~30% of the MLP's time on CPU)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], bias: torch.Tensor | None = None,
@@ -294,12 +296,35 @@ class StackedExperts:
                 offs = torch.cumsum(counts, 0).to(torch.int32)
                 counts = counts.tolist()
             x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs)
-            h = ops.grouped_rms_norm(x, layer["ln2"], tok_expert, self.eps)
-            gate, up = grouped_linear(h, layer["gate_up"], counts, layer["gate_up_b"], offs).chunk(2, dim=-1)
-            h = self.act(gate)
-            h = h * up if h.requires_grad else h.mul_(up)  # in place: one (N, intermediate) allocation fewer
-            x = x + grouped_linear(h, layer["down"], counts, layer["down_b"], offs)
+            x = self._mlp(x, ops.grouped_rms_norm(x, layer["ln2"], tok_expert, self.eps), layer, counts, offs)
         return ops.grouped_rms_norm(x, self.norm, tok_expert, self.eps)
+
+    def _mlp(self, x: torch.Tensor, h: torch.Tensor, layer: dict, counts: Sequence[int],
+             offs: torch.Tensor) -> torch.Tensor:
+        """x + the gated MLP of h (both (N, d), rows grouped by expert: ``counts[j]`` each, ``offs`` their
+        cumulative sum), in row blocks of about ``MLP_BLOCK_BYTES`` of (rows, 2 * intermediate)
+        activations; without autograd the blocks add into x in place."""
+        n = h.shape[0]
+        block = max(1, MLP_BLOCK_BYTES // (layer["gate_up"].shape[2] * h.element_size()))
+        ends = np.cumsum(counts) if n > block else None
+        grad = h.requires_grad or x.requires_grad
+        parts = []
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            c = counts
+            if ends is not None:
+                c = np.clip(ends, a, b) - np.clip(ends - counts, a, b)  # rows of each expert in [a, b)
+                offs = torch.from_numpy(np.cumsum(c).astype(np.int32)).to(h.device)
+                c = c.tolist()
+            gate, up = grouped_linear(h[a:b], layer["gate_up"], c, layer["gate_up_b"], offs).chunk(2, dim=-1)
+            g = self.act(gate)
+            g = g * up if grad else g.mul_(up)
+            y = grouped_linear(g, layer["down"], c, layer["down_b"], offs)  # (b - a, d)
+            if grad:
+                parts.append(y)
+            else:
+                x[a:b] += y
+        return x + torch.cat(parts) if grad else x
 
     def _attend_pool(self, q, i, vp, vt, pad, P, T, slots, end, mask) -> torch.Tensor:
         """Attention of packed query rows q (N, Hq, hd) of segments that continue a KV slot (written

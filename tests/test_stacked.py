@@ -78,6 +78,37 @@ def test_stacked_forward_without_cache_equals_each_expert(arch):
     assert torch.allclose(models[1](input_ids=ids).logits[0], want[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("block_rows", [1, 4, 7])
+def test_mlp_row_blocks_across_experts_equal_each_expert(block_rows, monkeypatch):
+    """The gated MLP in row blocks (blocks that start and end inside an expert's rows and span two):
+    the same hidden states as each expert's own forward, without and with autograd."""
+    import cbtm.stacked as stacked_module
+
+    models = _experts("llama")
+    ids = torch.arange(5, 16)[None] * 7 % 97
+    want = [m(input_ids=ids).logits[0] for m in models]
+    st = StackedExperts.build(models)
+    seg, lengths = torch.cat([ids, ids, ids]), torch.tensor([11, 4, 9])
+    args = (seg, torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long), lengths)
+    width = st.layers[0]["gate_up"].shape[2]
+    monkeypatch.setattr(stacked_module, "MLP_BLOCK_BYTES", block_rows * width * 4)
+    calls = []
+    monkeypatch.setattr(st, "act", lambda t: calls.append(len(t)) or torch.nn.functional.silu(t))
+    with torch.no_grad():
+        got = st.logits(st.forward(*args), lengths.tolist())
+    assert max(calls) == min(block_rows, 24) and sum(calls) == 24 * len(st.layers)
+    a = 0
+    for j, n in enumerate(lengths.tolist()):
+        assert torch.allclose(got[a:a + n], want[j][:n], atol=1e-5), j
+        a += n
+    w = st.layers[0]["gate_up"].requires_grad_(True)  # autograd: the blocks are concatenated, not added in place
+    st.logits(st.forward(*args), lengths.tolist()).square().sum().backward()
+    blocked, w.grad = w.grad, None
+    monkeypatch.setattr(stacked_module, "MLP_BLOCK_BYTES", 1 << 40)
+    st.logits(st.forward(*args), lengths.tolist()).square().sum().backward()
+    assert blocked is not None and torch.allclose(blocked, w.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows_per_chunk", [1, 5, 1000])
 def test_target_logprobs_equal_each_experts_log_softmax(rows_per_chunk, monkeypatch):
     """Log-probs at the targets from rows grouped by expert (an empty expert among them), in chunks that
