@@ -15,6 +15,7 @@ forward and returns ``None`` (the caller keeps one model call per expert) for an
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Sequence
 
@@ -30,18 +31,24 @@ CHECK_TOKENS = 12   # tokens of the self-check forward against transformers
 CHECK_ATOL = 1e-3   # its tolerance on the logits (float32; half precision is checked 20x looser)
 POOL_SLOTS = 16     # KV slots allocated at first (the pool doubles when full)
 POOL_LENGTH = 128   # positions per slot allocated at first (doubles up to the experts' context)
+SCRATCH_BYTES = 1 << 20    # CPU products at least this large that die within a layer go to reused buffers
 MLP_BLOCK_BYTES = 1 << 22  # gated-MLP activations computed at once (row blocks: a large fresh allocation
                            # is page-faulted in again on every call, ~30% of the MLP's time on CPU)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], bias: torch.Tensor | None = None,
-                   offs: torch.Tensor | None = None) -> torch.Tensor:
+                   offs: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of ``x`` (N, in) grouped by expert (``counts[j]`` consecutive rows for expert j, zeros allowed)
     times their expert's ``weight[j]`` (K, in, out) (+ ``bias[j]`` (K, out)): (N, out). One grouped
     matmul (``offs``: the cumulative counts, int32) where torch has it for this device and dtype, one
-    matmul per non-empty group otherwise."""
-    out = None
-    if offs is not None and _grouped_mm_ok(x):
+    matmul per non-empty group otherwise, or into ``out`` (N, out) when given (no autograd)."""
+    if out is not None:
+        a = 0
+        for j, n in enumerate(counts):
+            if n:
+                torch.mm(x[a:a + n], weight[j], out=out[a:a + n])
+                a += n
+    elif offs is not None and _grouped_mm_ok(x):
         try:
             out = F.grouped_mm(x, weight, offs=offs)
         except RuntimeError:
@@ -141,7 +148,9 @@ class StackedExperts:
     """K experts of one Llama-family architecture with stacked weights (see the module docstring).
 
     After :meth:`build`, the experts' own parameters are views into the stacked tensors (no second
-    copy of the weights), so their transformers forward keeps working.
+    copy of the weights), so their transformers forward keeps working. On CPU each thread that runs
+    :meth:`forward` keeps two buffers as large as its largest attention projections (the fused q/k/v
+    and output products, reused by every layer and call instead of mapped afresh).
     """
 
     def __init__(self, models: Sequence[torch.nn.Module]):
@@ -204,6 +213,7 @@ class StackedExperts:
             })
         self.pool: KVPool | None = None
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._buffers = threading.local()  # per thread: name -> a flat tensor reused by every forward
 
     # ---- construction ---------------------------------------------------------------------------
 
@@ -275,7 +285,8 @@ class StackedExperts:
                 mask = torch.arange(end, device=dev)[None, None, None, :] <= query_pos[:, None, :, None]  # (P, 1, T, end)
         for i, layer in enumerate(self.layers):
             h = ops.grouped_rms_norm(x, layer["ln1"], tok_expert, self.eps)
-            qkv = grouped_linear(h, layer["qkv"], counts, layer["qkv_b"], offs)
+            qkv = grouped_linear(h, layer["qkv"], counts, layer["qkv_b"], offs,
+                                 self._scratch("qkv", h, layer["qkv"]))  # (N, (hq + 2 hk) hd)
             qk = ops.rotary_(qkv[:, :(hq + hk) * hd].view(N, hq + hk, hd), cos, sin)  # queries and keys at once
             q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, (hq + hk) * hd:].view(N, hk, hd)
@@ -295,9 +306,25 @@ class StackedExperts:
                 counts = torch.bincount(tok_expert, minlength=self.n_experts)
                 offs = torch.cumsum(counts, 0).to(torch.int32)
                 counts = counts.tolist()
-            x = x + grouped_linear(a, layer["o"], counts, layer["o_b"], offs)
+            o = grouped_linear(a, layer["o"], counts, layer["o_b"], offs, self._scratch("o", a, layer["o"]))
+            x = x + o if x.requires_grad or o.requires_grad else x.add_(o)  # x is this forward's own tensor
             x = self._mlp(x, ops.grouped_rms_norm(x, layer["ln2"], tok_expert, self.eps), layer, counts, offs)
         return ops.grouped_rms_norm(x, self.norm, tok_expert, self.eps)
+
+    def _scratch(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """A (rows of x, weight's outputs) buffer this thread reuses across forwards, for a product that
+        dies within its layer; None on GPUs (their allocator caches), under autograd and below
+        ``SCRATCH_BYTES``. On CPU a fresh tensor of megabytes is mapped and page-faulted in by the OS
+        on every allocation."""
+        n = x.shape[0] * weight.shape[2]
+        if (x.device.type != "cpu" or n * x.element_size() < SCRATCH_BYTES
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            return None
+        buf = getattr(self._buffers, name, None)
+        if buf is None or buf.numel() < n or buf.dtype != x.dtype:
+            buf = torch.empty(n, dtype=x.dtype)
+            setattr(self._buffers, name, buf)
+        return buf[:n].view(x.shape[0], weight.shape[2])
 
     def _mlp(self, x: torch.Tensor, h: torch.Tensor, layer: dict, counts: Sequence[int],
              offs: torch.Tensor) -> torch.Tensor:

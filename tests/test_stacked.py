@@ -20,10 +20,12 @@ def test_grouped_linear_equals_loop(counts, dtype, bias, rng):
     offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     want = grouped_linear_ref(x, w, counts, b)
     tol = 1e-4 if dtype == torch.float32 else 0.15
-    for o_ in (offs, None):  # the grouped matmul and the per-group loop
-        got = grouped_linear(x, w, counts, b, o_)
+    buf = torch.full((sum(counts) + 3, o), float("nan"), dtype=dtype)
+    for o_, out in ((offs, None), (None, None), (None, buf[2:-1])):  # grouped matmul, per-group loop, into out
+        got = grouped_linear(x, w, counts, b, o_, out)
         assert got.shape == want.shape and got.dtype == dtype
         assert torch.allclose(got.double(), want, atol=tol, rtol=tol * 0.1)
+    assert got.data_ptr() == buf[2].data_ptr() and buf[:2].isnan().all() and buf[-1].isnan().all()
 
 
 def _experts(arch: str, k: int = 3, dtype=torch.float32, vocab: int = 97):
@@ -51,8 +53,17 @@ def _experts(arch: str, k: int = 3, dtype=torch.float32, vocab: int = 97):
 ARCHS = ["llama", "llama-tied", "llama-bias", "qwen2", "mistral"]
 
 
+@pytest.fixture(params=["scratch", "fresh"])
+def scratch(request, monkeypatch):
+    """Every in-layer product in reused per-thread buffers (the CPU path of large products), or none."""
+    import cbtm.stacked as stacked_module
+
+    monkeypatch.setattr(stacked_module, "SCRATCH_BYTES", 0 if request.param == "scratch" else 1 << 62)
+    return request.param
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_stacked_forward_without_cache_equals_each_expert(arch):
+def test_stacked_forward_without_cache_equals_each_expert(arch, scratch):
     models = _experts(arch)
     want = [m(input_ids=torch.arange(5, 16)[None] * 7 % 97).logits[0] for m in models]
     st = StackedExperts.build(models)
@@ -133,7 +144,7 @@ def test_target_logprobs_equal_each_experts_log_softmax(rows_per_chunk, monkeypa
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2"])
-def test_cached_prefill_catch_up_and_decode_in_one_call(arch):
+def test_cached_prefill_catch_up_and_decode_in_one_call(arch, scratch):
     """Pairs continue their KV slots: a decode row, a catch-up of 3 tokens and a fresh prefill share
     one call, and give the logits of one full forward at every position."""
     models = _experts(arch)
@@ -161,7 +172,7 @@ def test_cached_prefill_catch_up_and_decode_in_one_call(arch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decode_steps_equal_full_forward(arch, dtype):
+def test_decode_steps_equal_full_forward(arch, dtype, scratch):
     """Calls of one token per segment (attention read from the pool in place by the decode kernel),
     after prefills of different lengths, give each expert's full-forward logits at every position."""
     models = _experts(arch, dtype=dtype)
@@ -184,6 +195,37 @@ def test_decode_steps_equal_full_forward(arch, dtype):
             for j in range(3):
                 assert torch.allclose(got[j], want[j][n[j]], atol=tol), (j, int(n[j]))
             n = n + 1
+
+
+def test_scratch_buffers_are_per_thread(monkeypatch):
+    """Two threads running one StackedExperts at once (each with its own reused buffers, sized
+    differently) both get each expert's own logits."""
+    import threading
+
+    import cbtm.stacked as stacked_module
+
+    monkeypatch.setattr(stacked_module, "SCRATCH_BYTES", 0)
+    models = _experts("llama")
+    st = StackedExperts.build(models)
+    ids = (torch.arange(60) * 7 + 2) % 97
+    want = [m(input_ids=ids[None]).logits[0] for m in models]
+    errors, start = [], threading.Barrier(2)
+
+    def work(n):
+        start.wait()
+        for _ in range(20):
+            with torch.no_grad():
+                h = st.forward(ids[:n].expand(3, -1), torch.arange(3), torch.zeros(3, dtype=torch.long),
+                               torch.full((3,), n))
+                got = st.logits(h, [n] * 3).reshape(3, n, -1)
+            errors.extend(j for j in range(3) if not torch.allclose(got[j], want[j][:n], atol=1e-5))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (60, 23)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
 
 
 def test_half_precision_and_refusals():
