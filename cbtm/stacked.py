@@ -149,8 +149,9 @@ class StackedExperts:
 
     After :meth:`build`, the experts' own parameters are views into the stacked tensors (no second
     copy of the weights), so their transformers forward keeps working. On CPU each thread that runs
-    :meth:`forward` keeps two buffers as large as its largest attention projections (the fused q/k/v
-    and output products, reused by every layer and call instead of mapped afresh).
+    :meth:`forward` or :meth:`target_logprobs` keeps a buffer for each large product that dies within
+    its layer (q/k/v, the attention output's projection, an MLP block, a chunk of logits): reused by
+    every layer and call instead of mapped afresh, as large as the largest such product so far.
     """
 
     def __init__(self, models: Sequence[torch.nn.Module]):
@@ -343,10 +344,11 @@ class StackedExperts:
                 c = np.clip(ends, a, b) - np.clip(ends - counts, a, b)  # rows of each expert in [a, b)
                 offs = torch.from_numpy(np.cumsum(c).astype(np.int32)).to(h.device)
                 c = c.tolist()
-            gate, up = grouped_linear(h[a:b], layer["gate_up"], c, layer["gate_up_b"], offs).chunk(2, dim=-1)
+            gate, up = grouped_linear(h[a:b], layer["gate_up"], c, layer["gate_up_b"], offs,
+                                      self._scratch("gate_up", h[a:b], layer["gate_up"])).chunk(2, dim=-1)
             g = self.act(gate)
             g = g * up if grad else g.mul_(up)
-            y = grouped_linear(g, layer["down"], c, layer["down_b"], offs)  # (b - a, d)
+            y = grouped_linear(g, layer["down"], c, layer["down_b"], offs, self._scratch("down", g, layer["down"]))
             if grad:
                 parts.append(y)
             else:
@@ -402,7 +404,8 @@ class StackedExperts:
         for a in range(0, n, chunk):
             c = np.bincount(expert[a:a + chunk], minlength=self.n_experts)
             z = grouped_linear(h[a:a + chunk], self.head, c.tolist(), None,
-                               torch.from_numpy(np.cumsum(c).astype(np.int32)).to(h.device))  # (chunk, V)
+                               torch.from_numpy(np.cumsum(c).astype(np.int32)).to(h.device),
+                               self._scratch("head", h[a:a + chunk], self.head))  # (chunk, V)
             out[a:a + chunk] = -F.cross_entropy(z.float(), targets[a:a + chunk], reduction="none")
         return out
 

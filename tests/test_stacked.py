@@ -90,7 +90,7 @@ def test_stacked_forward_without_cache_equals_each_expert(arch, scratch):
 
 
 @pytest.mark.parametrize("block_rows", [1, 4, 7])
-def test_mlp_row_blocks_across_experts_equal_each_expert(block_rows, monkeypatch):
+def test_mlp_row_blocks_across_experts_equal_each_expert(block_rows, scratch, monkeypatch):
     """The gated MLP in row blocks (blocks that start and end inside an expert's rows and span two):
     the same hidden states as each expert's own forward, without and with autograd."""
     import cbtm.stacked as stacked_module
@@ -121,7 +121,7 @@ def test_mlp_row_blocks_across_experts_equal_each_expert(block_rows, monkeypatch
 
 
 @pytest.mark.parametrize("rows_per_chunk", [1, 5, 1000])
-def test_target_logprobs_equal_each_experts_log_softmax(rows_per_chunk, monkeypatch):
+def test_target_logprobs_equal_each_experts_log_softmax(rows_per_chunk, scratch, monkeypatch):
     """Log-probs at the targets from rows grouped by expert (an empty expert among them), in chunks that
     cut across experts, against each expert's own float64 log-softmax."""
     from cbtm import stacked as stacked_module
