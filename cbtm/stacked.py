@@ -186,10 +186,9 @@ class StackedExperts:
                     a += p.shape[0]
             return out
 
-        # embedding (K, V, d): a token's vector is one contiguous row. A tied head reads the same tensor
-        # as a (K, d, V) view, which grouped matmuls take as transposed with no copy
-        self.embed = stack(lambda m, _: m.model.embed_tokens.weight)
-        self.head = self.embed.transpose(1, 2) if self.tied else stack(lambda m, _: m.lm_head.weight, transpose=True)
+        # (K, d, V) when the head is tied to the embedding (both read it), else embedding (K, V, d)
+        self.embed = stack(lambda m, _: m.model.embed_tokens.weight, transpose=self.tied)
+        self.head = self.embed if self.tied else stack(lambda m, _: m.lm_head.weight, transpose=True)  # (K, d, V)
         self.norm = stack(lambda m, _: m.model.norm.weight)  # (K, d)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -270,7 +269,7 @@ class StackedExperts:
         counts = counts.tolist()
         positions = starts[vp] + vt  # (N,)
         tokens = ids[vp, vt]
-        x = self.embed[tok_expert, tokens]  # (N, d)
+        x = self.embed[tok_expert, :, tokens] if self.tied else self.embed[tok_expert, tokens]  # (N, d)
         cos, sin = self._rope(x, positions)  # (N, hd)
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
         decode = slots is not None and T == 1  # one token per segment: attention reads the pool in place
