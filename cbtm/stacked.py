@@ -351,7 +351,7 @@ class StackedExperts:
             if grad:
                 parts.append(y)
             else:
-                x[a:b] += y
+                x[a:b].add_(y)
         return x + torch.cat(parts) if grad else x
 
     def _attend_pool(self, q, i, vp, vt, pad, P, T, slots, end, mask) -> torch.Tensor:
