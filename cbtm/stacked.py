@@ -68,6 +68,14 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int],
 _GROUPED_MM_FAILED: set = set()
 
 
+def _groups_within(ends: np.ndarray, counts: Sequence[int], a: int, b: int,
+                   device: torch.device) -> tuple[list[int], torch.Tensor]:
+    """Rows a..b-1 of rows grouped by expert (``counts[j]`` each, ``ends`` their cumulative sum): the
+    rows of each expert among them and their cumulative sum (int32 on ``device``), for ``grouped_linear``."""
+    c = np.clip(ends, a, b) - np.clip(ends - np.asarray(counts), a, b)
+    return c.tolist(), torch.from_numpy(np.cumsum(c).astype(np.int32)).to(device)
+
+
 def grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int],
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """Plain reference of :func:`grouped_linear`, in float64: each expert's rows times its weight."""
@@ -340,9 +348,7 @@ class StackedExperts:
             b = min(n, a + block)
             c = counts
             if ends is not None:
-                c = np.clip(ends, a, b) - np.clip(ends - counts, a, b)  # rows of each expert in [a, b)
-                offs = torch.from_numpy(np.cumsum(c).astype(np.int32)).to(h.device)
-                c = c.tolist()
+                c, offs = _groups_within(ends, counts, a, b, h.device)
             gate, up = grouped_linear(h[a:b], layer["gate_up"], c, layer["gate_up_b"], offs,
                                       self._scratch("gate_up", h[a:b], layer["gate_up"])).chunk(2, dim=-1)
             g = self.act(gate)
@@ -396,14 +402,13 @@ class StackedExperts:
         spans, then cross-entropy; the (N, V) logits are never held."""
         counts = list(counts) + [0] * (self.n_experts - len(counts))
         n, V = h.shape[0], self.head.shape[2]
-        expert = np.repeat(np.arange(self.n_experts), counts)  # (N,)
+        ends = np.cumsum(counts)
         chunk = max(1, CHUNK_ELEMENTS // V)
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         targets = targets.to(h.device)
         for a in range(0, n, chunk):
-            c = np.bincount(expert[a:a + chunk], minlength=self.n_experts)
-            z = grouped_linear(h[a:a + chunk], self.head, c.tolist(), None,
-                               torch.from_numpy(np.cumsum(c).astype(np.int32)).to(h.device),
+            c, offs = _groups_within(ends, counts, a, min(n, a + chunk), h.device)
+            z = grouped_linear(h[a:a + chunk], self.head, c, None, offs,
                                self._scratch("head", h[a:a + chunk], self.head))  # (chunk, V)
             out[a:a + chunk] = -F.cross_entropy(z.float(), targets[a:a + chunk], reduction="none")
         return out
