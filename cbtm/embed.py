@@ -182,32 +182,72 @@ class TfidfEmbedder:
     def prefix_embeddings_batch(self, texts: Sequence[str],
                                 offsets_list: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """``prefix_embeddings`` of several texts: a list of float32 (len(offsets), n_components) arrays."""
+        self._check_prefixes(texts, offsets_list)
+        return [self._prefixes(text, offsets) for text, offsets in zip(texts, offsets_list)]
+
+    def prefix_products(self, texts: Sequence[str], offsets_list: Sequence[Sequence[int]],
+                        projection: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text, ``(e @ A.T, |e|^2)`` float64 ((M, K), (M,)) of the prefix embedding e of ``text[:c]`` at
+        every offset c, where ``projection = term_projection(A)``: ``prefix_embeddings_batch`` times A.T
+        (in float64, without rounding e to float32) without multiplying the (M, D) embeddings by A."""
+        self._check_prefixes(texts, offsets_list)
+        projection = np.asarray(projection, np.float64)
+        if projection.ndim != 2 or projection.shape[0] != len(self.vocabulary):
+            raise ValueError(f"projection must be term_projection(A): ({len(self.vocabulary)}, K), "
+                             f"got {projection.shape}")
+        out = []
+        for text, offsets in zip(texts, offsets_list):
+            emb, cross = self._prefix_sums(text, offsets, projection)  # (M, D), (M, K)
+            sq = np.einsum("md,md->m", emb, emb)  # (M,) |sum|^2
+            norms = np.sqrt(sq)
+            norms[norms < 10 * np.finfo(np.float64).eps] = 1.0  # near-zero rows stay as they are (_l2_normalise)
+            out.append((cross / norms[:, None], sq / (norms * norms)))
+        return out
+
+    def term_projection(self, matrix: np.ndarray) -> np.ndarray:
+        """Every term's vector projected on the rows of ``matrix`` (K, D): float64 (V, K), for ``prefix_products``."""
+        self._check_fitted()
+        matrix = np.asarray(matrix, np.float64)
+        if matrix.ndim != 2 or matrix.shape[1] != self.n_components:
+            raise ValueError(f"matrix must be (K, {self.n_components}), got {matrix.shape}")
+        return self._vec @ matrix.T
+
+    def _check_prefixes(self, texts: Sequence[str], offsets_list: Sequence[Sequence[int]]) -> None:
         self._check_fitted()
         if self.token_pattern != TOKEN_PATTERN:
             raise ValueError(f"prefix embeddings need the token pattern {TOKEN_PATTERN!r}, "
                              f"this embedder has {self.token_pattern!r}")
         if len(texts) != len(offsets_list):
             raise ValueError(f"{len(texts)} texts but {len(offsets_list)} offset lists")
-        return [self._prefixes(text, offsets) for text, offsets in zip(texts, offsets_list)]
 
     def _prefixes(self, text: str, char_offsets: Sequence[int]) -> np.ndarray:
-        """``prefix_embeddings`` from the text's terms: a running sum over its complete tokens plus the cut words."""
+        """``prefix_embeddings`` of one text."""
+        return _l2_normalise(self._prefix_sums(text, char_offsets)[0])
+
+    def _prefix_sums(self, text: str, char_offsets: Sequence[int], projection: np.ndarray | None = None):
+        """The unnormalised prefix embeddings (M, D) float64 of a text at its offsets -- a running sum over
+        its complete tokens plus the cut words -- and, with ``projection`` (V, K), their products (M, K)."""
         o = _check_offsets(text, char_offsets)
         low = text.lower() if self.lowercase else text
         if len(low) == len(text) and _CONTEXT_LOWER not in text:
             ids, ready, rows, extra = self._token_terms(low, o)
         else:
             ids, ready, rows, extra = self._chunk_terms(text, o)
-        running = np.empty((len(ids) + 1, self.n_components))  # (T+1, D)
-        running[0] = 0.0
-        np.cumsum(self._vec[ids], axis=0, out=running[1:])
-        emb = running[np.searchsorted(ready, o, side="right")]  # (M, D)
-        vecs = self._vec[extra]
+        at = np.searchsorted(ready, o, side="right")  # (M,) complete terms before each offset
         hit, start = np.unique(rows, return_index=True)  # rows come sorted
-        if len(hit) < len(rows):  # a cut chunk with several terms
-            vecs = np.add.reduceat(vecs, start, axis=0)
-        emb[hit] += vecs
-        return _l2_normalise(emb)
+
+        def summed(table: np.ndarray) -> np.ndarray:  # (V, W) -> (M, W)
+            running = np.empty((len(ids) + 1, table.shape[1]))  # (T+1, W)
+            running[0] = 0.0
+            np.cumsum(table[ids], axis=0, out=running[1:])
+            out = running[at]
+            cut = table[extra]
+            if len(hit) < len(rows):  # a cut chunk with several terms
+                cut = np.add.reduceat(cut, start, axis=0)
+            out[hit] += cut
+            return out
+
+        return summed(self._vec), None if projection is None else summed(projection)
 
     def _term_ids(self, terms: list[str]) -> np.ndarray:
         """Column id of every token, int64 (``-1``: stop word or out of vocabulary), memoised across calls."""

@@ -73,6 +73,7 @@ class Router:
             classifier = (coef, bias)
         self.embedder, self.centers, self.classifier = embedder, centers, classifier
         self.temperature, self.top_k, self.official_distance = float(temperature), top_k, bool(official_distance)
+        self._projection: np.ndarray | None = None  # the terms' products with _matrix(), made on first use
 
     @classmethod
     def load(cls, run: str | Path, routing: str = defaults.ROUTING, **kw) -> "Router":
@@ -118,21 +119,29 @@ class Router:
     def scores(self, emb: np.ndarray) -> np.ndarray:
         """Unnormalised log-weights of embeddings, before top-k: (N, D) -> float64 (N, K)."""
         emb = np.asarray(emb, np.float64)
+        # einsum rather than BLAS: BLAS threads would spin against torch's on the same cores
+        return self._scores(np.einsum("nd,kd->nk", emb, self._matrix()), (emb * emb).sum(1))
+
+    def _matrix(self) -> np.ndarray:
+        """What the scores are linear in: the classifier's coefficients or the centres, float64 (K, D)."""
+        return self.classifier[0] if self.classifier is not None else self.centers.astype(np.float64)
+
+    def _scores(self, cross: np.ndarray, sq: np.ndarray) -> np.ndarray:
+        """``scores`` from the embeddings' products with ``_matrix()`` (N, K) and squared norms (N,)."""
         if self.classifier is not None:
-            coef, bias = self.classifier
-            return np.einsum("nd,kd->nk", emb, coef) + bias  # (N, K) log-odds of each cluster (no BLAS threads)
+            return cross + self.classifier[1]  # (N, K) log-odds of each cluster
         c = self.centers.astype(np.float64)
-        # |e|^2 - 2 e.c + |c|^2 (float64: no (N, K, D) temporary, exact to ~1e-15); einsum rather than BLAS
-        # here and above: BLAS threads would spin against torch's on the same cores
-        cross = np.einsum("nd,kd->nk", emb, c)
-        d2 = np.maximum((emb * emb).sum(1)[:, None] - 2 * cross + (c * c).sum(1)[None], 0)  # (N, K)
+        # |e|^2 - 2 e.c + |c|^2 (float64: no (N, K, D) temporary, exact to ~1e-15)
+        d2 = np.maximum(sq[:, None] - 2 * cross + (c * c).sum(1)[None], 0)  # (N, K)
         return -(d2 ** 2 if self.official_distance else d2) / self.temperature
 
     def weights(self, emb: np.ndarray, allowed: np.ndarray | None = None, top_k: int | None = None) -> np.ndarray:
         """Expert weights of embeddings: (N, D) -> float32 (N, K), rows sum to 1, at most top_k
         non-zero (this router's ``top_k`` unless given). ``allowed`` (N, K) bool: the experts each row
         may use (the others get weight 0)."""
-        score = self.scores(emb)
+        return self._weights(self.scores(emb), allowed, top_k)
+
+    def _weights(self, score: np.ndarray, allowed: np.ndarray | None = None, top_k: int | None = None) -> np.ndarray:
         if allowed is not None:
             score = np.where(allowed, score, -np.inf)
         w = np.exp(score - score.max(1, keepdims=True))
@@ -143,9 +152,13 @@ class Router:
         return self.weights(self.embedder.transform(texts))
 
     def token_weights(self, texts: Sequence[str], char_offsets: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Per text, the weights of the context ``text[:c]`` for each offset c: (len(offsets), K)."""
-        embs = self.embedder.prefix_embeddings_batch(texts, char_offsets)
-        return [self.weights(e) for e in embs]
+        """Per text, the weights of the context ``text[:c]`` for each offset c: (len(offsets), K). The same
+        as ``weights(embedder.prefix_embeddings(...))``, from each prefix's products with the centres (or
+        the classifier), which are running sums of the terms' own (``embedder.term_projection``)."""
+        if self._projection is None:
+            self._projection = self.embedder.term_projection(self._matrix())  # (V, K)
+        return [self._weights(self._scores(cross, sq))
+                for cross, sq in self.embedder.prefix_products(texts, char_offsets, self._projection)]
 
 
 def mixture_weights(run, cluster: int, sources: Sequence[int], temperature: float = defaults.TEMPERATURE,

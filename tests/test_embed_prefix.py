@@ -138,3 +138,46 @@ def test_case_sensitive_embedder_and_foreign_token_pattern(tmp_path, word_embedd
     (tmp_path / "embedder.json").write_text(json.dumps({**config, "token_pattern": r"\w+"}), encoding="utf-8")
     with pytest.raises(ValueError, match="token pattern"):
         TfidfEmbedder.load(tmp_path).prefix_embeddings("a text", [1])
+
+
+def products_reference(embedder, text, offsets, matrix):
+    """Every prefix re-embedded on its own, in float64 (the unit vector of its summed term vectors)."""
+    x = np.stack([embedder._sums([embedder._ids(text[:c])])[0] for c in offsets])  # (M, D) float64
+    norms = np.linalg.norm(x, axis=1)
+    norms[norms < 10 * np.finfo(np.float64).eps] = 1.0
+    e = x / norms[:, None]
+    return e @ matrix.T, (e * e).sum(1)
+
+
+@pytest.mark.parametrize("path", ["token", "chunk"])
+def test_prefix_products_equal_the_float64_products_of_every_prefix(word_embedder, path):
+    """``prefix_products`` (running sums of the terms' projections) against each prefix embedded on its own
+    in float64 and multiplied by the matrix: cut words, numbers, stop words, offset 0 (the zero vector),
+    repeats, any order."""
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((5, word_embedder.n_components))
+    projection = word_embedder.term_projection(matrix)
+    assert projection.shape == (len(word_embedder.vocabulary), 5)
+    texts = ["2024 ²nd 3rd abouts themselves andante otherwise THE zz", "café naïve straße don't word",
+             "the and a i", ""]
+    if path == "chunk":
+        texts += ["İstanbul 2024 the", "ΑΣΑ abouts ΣΟΦΟΣ", "café ὈΔΥΣΣΕΎΣ running"]
+    offsets = [list(range(len(t), -1, -1)) + [0, len(t) // 2, len(t) // 2] for t in texts]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TfidfEmbedder, "_chunk_terms" if path == "token" else "_token_terms", _fail)
+        if path == "chunk":
+            mp.setattr(cbtm.embed, "_CONTEXT_LOWER", "")  # every text takes the chunk path
+        got = word_embedder.prefix_products(texts, offsets, projection)
+    assert len(got) == len(texts)
+    for text, o, (cross, sq) in zip(texts, offsets, got):
+        want_cross, want_sq = products_reference(word_embedder, text, o, matrix)
+        assert cross.shape == (len(o), 5) and cross.dtype == np.float64 and sq.shape == (len(o),)
+        np.testing.assert_allclose(cross, want_cross, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(sq, want_sq, rtol=0, atol=1e-12)
+        assert sq[o.index(0)] == 0  # the empty prefix: the zero vector
+    with pytest.raises(ValueError, match="projection"):
+        word_embedder.prefix_products(texts[:1], offsets[:1], projection[:-1])
+    with pytest.raises(ValueError, match="matrix"):
+        word_embedder.term_projection(matrix[:, :-1])
+    with pytest.raises(ValueError, match="offset lists"):
+        word_embedder.prefix_products(texts, offsets[:1], projection)

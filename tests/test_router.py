@@ -236,3 +236,21 @@ def test_distance_scores_equal_the_plain_differences(runs, official):
     got = router.scores(emb)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert 0 >= got[-1, 2] >= -1e-12 and got.argmax(1)[-1] == 2  # never a negative distance
+
+
+@pytest.mark.parametrize("routing", ["distance", "prefix"])
+@pytest.mark.parametrize("top_k", [None, 1, 2])
+def test_token_weights_equal_the_weights_of_every_prefix(runs, routing, top_k):
+    """``token_weights`` (products of the prefixes from running sums of the terms' projections) against
+    ``weights`` of each prefix re-embedded on its own, for both routers, held-out documents."""
+    router = Router.load(runs[4], routing, top_k=top_k)
+    assert router.routing == routing
+    texts = [t for t in islice((d.text for d in read_documents(default_corpus_path())), 5, None, 97)][:4]
+    offsets = [sorted(set(range(0, len(t) + 1, 23)) | {0, len(t)}) for t in texts]
+    got = router.token_weights(texts, offsets)
+    for text, o, w in zip(texts, offsets, got):
+        want = router.weights(router.embedder.transform([text[:c] for c in o]))
+        assert w.shape == want.shape == (len(o), 4) and w.dtype == np.float32
+        np.testing.assert_allclose(w, want, rtol=0, atol=2e-6)
+        if top_k is not None:
+            assert ((w > 0).sum(1) <= top_k).all()
