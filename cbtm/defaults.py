@@ -19,6 +19,8 @@ VOCAB_SIZE = 8192          # byte-level BPE trained when a run has no tokenizer
 MODEL_SIZE = "tiny"        # named model config of fresh experts
 EVAL_BATCH = 32            # texts scored at once by an ensemble
 EVAL_CHUNK_TOKENS = 8192   # padded positions per expert forward pass when scoring
+EVAL_PACKED_TOKENS = 32768  # positions per stacked forward when scoring (packed: no padding); fewer forwards,
+                            # fewer passes over every routed expert's weights
 BASELINES = ("random", "unbalanced", "gold")  # the demo's baselines: random equal / unbalanced k-means / gold labels
 MAX_BATCH = 64             # sequences decoded together by the generation engine (more wait their turn)
 MAX_NEW_TOKENS = 1 << 20   # largest max_new_tokens accepted (generation slides its window past the context)

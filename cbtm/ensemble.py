@@ -27,6 +27,7 @@ from .tokens import load_tokenizer, start_token_id
 from .training.loss import fused_head, linear_target_logprobs
 
 KINDS = ("cluster", "uniform", "posterior")
+PACKED_PAD_FACTOR = 4  # a packed chunk's (rows, longest) index tensors: at most this x its position budget
 
 
 def resolve_devices(device: str | Sequence[str]) -> list[str]:
@@ -80,6 +81,7 @@ class Ensemble:
         self.prior = np.full(k, 1.0 / k) if prior is None else np.asarray(prior, np.float64)
         self.batch_size = int(batch_size)
         self.chunk_tokens = defaults.EVAL_CHUNK_TOKENS
+        self.packed_tokens = defaults.EVAL_PACKED_TOKENS
         self.bos = start_token_id(tokenizer)  # what every scored or generated sequence starts with
         if context is not None and (int(context) != context or context < 1):
             raise ValueError(f"context must be a positive integer, got {context!r}")
@@ -266,12 +268,12 @@ class Ensemble:
     def _stacked_logprobs(self, inputs: torch.Tensor, targets: torch.Tensor, last: torch.Tensor,
                           wanted: torch.Tensor, lp: torch.Tensor) -> None:
         """``_expert_logprobs`` of every (window, expert) pair that ``last`` (R, K) asks for, through the
-        stacked experts: pairs of all experts share each forward (chunks of similar lengths); into lp,
+        stacked experts: pairs of all experts share each packed forward (``packed_tokens`` positions); into lp,
         at the positions ``wanted`` (R, L, K) marks (the others a pair computes only as context)."""
         st = self.stacked()
         pairs = last.nonzero()  # (P, 2): (window, expert)
         need = last[pairs[:, 0], pairs[:, 1]]
-        for sel in _length_chunks(need, self.chunk_tokens):
+        for sel in _length_chunks(need, self.packed_tokens, packed=True):
             sel = sel[torch.argsort(pairs[sel, 1], stable=True)]  # grouped by expert
             r, j, n = pairs[sel, 0], pairs[sel, 1], need[sel]
             T = int(n.max())
@@ -386,12 +388,23 @@ class Ensemble:
         return [s.text for s in seqs]
 
 
-def _length_chunks(need: torch.Tensor, budget: int) -> list[torch.Tensor]:
+def _length_chunks(need: torch.Tensor, budget: int, packed: bool = False) -> list[torch.Tensor]:
     """Rows with ``need > 0`` (positions an expert must compute per row: (R,)) longest first, cut into
-    chunks of at most ``budget`` padded positions (at least one row each): little padding per forward."""
+    chunks of at most ``budget`` positions (at least one row each): padded positions (rows x the longest,
+    little padding per forward), or with ``packed`` the rows' own positions (a packed forward holds no
+    padding; its (rows, longest) index tensors stay under ``PACKED_PAD_FACTOR x budget``)."""
     rows = need.nonzero().flatten()
     rows = rows[torch.argsort(need[rows], descending=True, stable=True)]
     out, start = [], 0
+    if packed:
+        lengths = need[rows].tolist()
+        total = 0
+        for i, n in enumerate(lengths):
+            if i > start and (total + n > budget or (i + 1 - start) * lengths[start] > PACKED_PAD_FACTOR * budget):
+                out.append(rows[start:i])
+                start, total = i, 0
+            total += n
+        return out + [rows[start:]] if len(rows) else out
     while start < len(rows):
         per_row = max(1, budget // int(need[rows[start]]))
         out.append(rows[start:start + per_row])

@@ -11,7 +11,7 @@ import torch
 
 from cbtm import cluster
 from cbtm.corpus import default_corpus_path, read_documents
-from cbtm.ensemble import Ensemble, _length_chunks
+from cbtm.ensemble import PACKED_PAD_FACTOR, Ensemble, _length_chunks
 from cbtm.router import Router
 from cbtm.rundir import RunDir
 
@@ -124,7 +124,7 @@ def test_router_weights_match_the_formula(run, texts):
 def test_score_equals_dense_reference(run, texts, top_k, chunk):
     ens = Ensemble.load(run, top_k=top_k)
     if chunk is not None:  # every expert forward cut into many small length-sorted chunks
-        ens.chunk_tokens = chunk
+        ens.chunk_tokens = ens.packed_tokens = chunk
     got = ens.score(texts)
     want = _reference(run, texts, top_k)
     for g, w in zip(got, want):
@@ -163,17 +163,25 @@ def test_only_routed_experts_run(run, texts):
     assert max(ens1.expert_calls) <= windows < sum(ens1.expert_calls) < K * windows
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("need,budget", [([0, 5, 3, 0, 5, 1], 10), ([7], 3), ([0, 0], 4), ([2, 9, 4, 4, 1, 8], 8),
-                                         ([1] * 20, 6)])
-def test_length_chunks_cover_each_needed_row_once(need, budget):
+                                         ([1] * 20, 6), ([9] + [1] * 40, 12), ([3, 3, 3, 2, 2, 1], 9)])
+def test_length_chunks_cover_each_needed_row_once(need, budget, packed):
     need = torch.tensor(need)
-    chunks = _length_chunks(need, budget)
+    chunks = _length_chunks(need, budget, packed=packed)
     rows = torch.cat(chunks).tolist() if chunks else []
     assert sorted(rows) == [i for i, n in enumerate(need.tolist()) if n > 0]
     lengths = [int(need[r]) for r in rows]
     assert lengths == sorted(lengths, reverse=True)  # longest first: little padding per chunk
     for c in chunks:
-        assert len(c) == 1 or len(c) * int(need[c[0]]) <= budget
+        if packed:  # positions, and (rows, longest) index tensors, within budget unless one row alone exceeds it
+            assert len(c) == 1 or (int(need[c].sum()) <= budget and len(c) * int(need[c[0]]) <= PACKED_PAD_FACTOR * budget)
+        else:
+            assert len(c) == 1 or len(c) * int(need[c[0]]) <= budget
+    if packed:  # greedy: no chunk could have taken the next chunk's first row
+        for c, d in zip(chunks, chunks[1:]):
+            n = int(need[d[0]])
+            assert int(need[c].sum()) + n > budget or (len(c) + 1) * int(need[c[0]]) > PACKED_PAD_FACTOR * budget
 
 
 @pytest.mark.triton
