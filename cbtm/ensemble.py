@@ -395,21 +395,15 @@ def _length_chunks(need: torch.Tensor, budget: int, packed: bool = False) -> lis
     padding; its (rows, longest) index tensors stay under ``PACKED_PAD_FACTOR x budget``)."""
     rows = need.nonzero().flatten()
     rows = rows[torch.argsort(need[rows], descending=True, stable=True)]
-    out, start = [], 0
-    if packed:
-        lengths = need[rows].tolist()
-        total = 0
-        for i, n in enumerate(lengths):
-            if i > start and (total + n > budget or (i + 1 - start) * lengths[start] > PACKED_PAD_FACTOR * budget):
-                out.append(rows[start:i])
-                start, total = i, 0
-            total += n
-        return out + [rows[start:]] if len(rows) else out
-    while start < len(rows):
-        per_row = max(1, budget // int(need[rows[start]]))
-        out.append(rows[start:start + per_row])
-        start += per_row
-    return out
+    lengths = need[rows].tolist()
+    padded_budget = budget * PACKED_PAD_FACTOR if packed else budget
+    out, start, total = [], 0, 0
+    for i, n in enumerate(lengths):  # greedy: a row joins the chunk unless it would exceed a budget
+        if i > start and ((i + 1 - start) * lengths[start] > padded_budget or (packed and total + n > budget)):
+            out.append(rows[start:i])
+            start, total = i, 0
+        total += n
+    return out + [rows[start:]] if lengths else out
 
 
 def mix(lp: np.ndarray, w: np.ndarray, top_k: int | None = None) -> np.ndarray:
