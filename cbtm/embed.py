@@ -50,9 +50,16 @@ def _number_vectorizer():
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation as scikit-learn's Normalizer does it (near-zero rows left as they are)."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # (N,)
+    return np.divide(x, _row_norms(x)[1][:, None], out=np.empty(x.shape, np.float32), casting="same_kind")
+
+
+def _row_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared L2 norms of the rows of x (N, D), and what ``_l2_normalise`` divides them by: the norms,
+    1 for near-zero rows. (N,) each."""
+    sq = np.einsum("ij,ij->i", x, x)
+    norms = np.sqrt(sq)
     norms[norms < 10 * np.finfo(x.dtype).eps] = 1.0
-    return np.divide(x, norms[:, None], out=np.empty(x.shape, np.float32), casting="same_kind")
+    return sq, norms
 
 
 def _check_offsets(text: str, char_offsets: Sequence[int]) -> np.ndarray:
@@ -198,9 +205,7 @@ class TfidfEmbedder:
         out = []
         for text, offsets in zip(texts, offsets_list):
             emb, cross = self._prefix_sums(text, offsets, projection)  # (M, D), (M, K)
-            sq = np.einsum("md,md->m", emb, emb)  # (M,) |sum|^2
-            norms = np.sqrt(sq)
-            norms[norms < 10 * np.finfo(np.float64).eps] = 1.0  # near-zero rows stay as they are (_l2_normalise)
+            sq, norms = _row_norms(emb)  # emb / norms is the prefix embedding (_l2_normalise)
             out.append((cross / norms[:, None], sq / (norms * norms)))
         return out
 
