@@ -272,9 +272,7 @@ class StackedExperts:
         vp, vt = valid.nonzero(as_tuple=True)  # (N,) segment-major: rows grouped by expert
         N = len(vp)
         tok_expert = experts[vp]
-        counts = torch.bincount(tok_expert, minlength=self.n_experts)  # rows per expert
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        counts = counts.tolist()
+        counts, offs = self._groups(tok_expert)
         positions = starts[vp] + vt  # (N,)
         tokens = ids[vp, vt]
         x = self.embed[tok_expert, :, tokens] if self.tied else self.embed[tok_expert, tokens]  # (N, d)
@@ -311,13 +309,17 @@ class StackedExperts:
             if keep is not None and i == len(self.layers) - 1:  # what follows only the kept rows need
                 keep = keep.to(dev)
                 a, x, tok_expert = a[keep], x[keep], tok_expert[keep]
-                counts = torch.bincount(tok_expert, minlength=self.n_experts)
-                offs = torch.cumsum(counts, 0).to(torch.int32)
-                counts = counts.tolist()
+                counts, offs = self._groups(tok_expert)
             o = grouped_linear(a, layer["o"], counts, layer["o_b"], offs, self._scratch("o", a, layer["o"]))
             x = x + o if x.requires_grad or o.requires_grad else x.add_(o)  # x is this forward's own tensor
             x = self._mlp(x, ops.grouped_rms_norm(x, layer["ln2"], tok_expert, self.eps), layer, counts, offs)
         return ops.grouped_rms_norm(x, self.norm, tok_expert, self.eps)
+
+    def _groups(self, tok_expert: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Rows per expert of rows sorted by expert (``tok_expert`` (N,)), and their cumulative sum (int32),
+        for ``grouped_linear``."""
+        counts = torch.bincount(tok_expert, minlength=self.n_experts)
+        return counts.tolist(), torch.cumsum(counts, 0).to(torch.int32)
 
     def _scratch(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """A (rows of x, weight's outputs) buffer this thread reuses across forwards, for a product that
